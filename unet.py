@@ -187,15 +187,19 @@ class UNet(nn.Module):
     def routable_blocks(self):
         return [m for m in self.modules() if isinstance(m, Routed)]
 
-    def embed(self, t, y=None):
-        """Timestep (+ class) embedding (B, 4ch). Labels drop to the null class in training."""
+    def embed(self, t, y=None, force_drop_ids=None):
+        """Timestep (+ class) embedding (B, 4ch). In training, labels drop to the null class with
+        probability class_dropout_prob, or exactly where force_drop_ids is true (as DiT's LabelEmbedder)."""
         emb = self.time_embed(timestep_embedding(t, self.ch))
         if self.label_emb is not None:
             if y is None:
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
-            if self.training and self.class_dropout_prob > 0:
+            if force_drop_ids is not None:
+                drop = force_drop_ids.bool()
+            else:
                 drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+                drop = drop & self.training
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
             emb = emb + self.label_emb(y)
         return emb
 
@@ -214,12 +218,12 @@ class UNet(nn.Module):
             h = stage(torch.cat([h, hs.pop()], dim=1), emb, t)
         return h
 
-    def forward(self, x, t, y=None, return_features=False):
+    def forward(self, x, t, y=None, force_drop_ids=None, return_features=False):
         """x (B, C_in, H, W), t (B,) integer timestep indices, y (B,) labels or None -> (B, C_out, H, W)."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the UNet's "
                              f"downsampling factor {self.downsample_factor}")
-        emb = self.embed(t, y)                                                # (B, 4ch)
+        emb = self.embed(t, y, force_drop_ids)                                # (B, 4ch)
         hs, mid = self.encode(self.conv_in(x), emb, t)                        # skips, (B, C_mid, h, w)
         last = self.decode(hs, mid, emb, t)                                   # (B, ch, H, W)
         out = self.out(last)                                                  # (B, C_out, H, W)
