@@ -1,0 +1,107 @@
+"""train.py and sample.py end to end on tiny settings, and every bad input's message."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--log-every", "5", "--ckpt-every", "10",
+        "--sample-every", "1000", "--sample-steps", "4", "--warmup", "1"]
+
+
+def run(out, *extra):
+    return train.main([*TINY, "--out", str(out), *extra])
+
+
+def error_of(fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    return str(e.value.code)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert run(out, "--steps", "20") == 20
+    return out
+
+
+def test_a_short_run_writes_checkpoint_log_and_grid(trained):
+    files = set(os.listdir(trained))
+    assert {"checkpoint.pt", "config.json", "log.jsonl", "samples"} <= files
+    log = [json.loads(line) for line in open(trained / "log.jsonl")]
+    assert [r["step"] for r in log] == [5, 10, 15, 20]
+    assert all(len(r["loss_bins"]) == 10 and r["img_per_s"] > 0 for r in log)
+    assert os.listdir(trained / "samples") == ["step_0000020.png"]
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["config"]["method"] == "ddpm" and ckpt["config"]["num_classes"] > 1
+    assert json.load(open(trained / "config.json"))["image_size"] == 16
+
+
+def test_resume_continues_and_sample_reads_the_checkpoint(trained, tmp_path):
+    import shutil
+    out = tmp_path / "resumed"
+    shutil.copytree(trained, out)
+    assert train.main(["--resume", "--out", str(out), "--steps", "25"]) == 25  # the saved config is reused
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 25
+    sample.main(["--ckpt", str(out), "--n", "5", "--batch", "3", "--steps", "3", "--out", str(tmp_path / "s")])
+    arr = np.load(tmp_path / "s.npz")
+    assert arr["images"].shape == (5, 16, 16, 3) and arr["images"].dtype == np.uint8
+    assert list(arr["labels"]) == [0, 1, 2, 3, 0][: 5] or len(set(arr["labels"])) > 1
+    assert Image.open(tmp_path / "s.png").size[0] > 16
+
+
+def test_loss_falls_on_a_fixed_batch():
+    import diffusion
+    from unet import UNet
+    torch.manual_seed(0)
+    model = UNet(ch=16, ch_mult=(1, 2), attn_ds=())
+    sched = diffusion.Schedule.make()
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+    t, eps = torch.randint(0, 1000, (8,)), torch.randn(8, 3, 8, 8)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    losses = []
+    for _ in range(60):
+        loss, _ = diffusion.diffusion_loss(model, sched, x0, t, "eps", noise=eps)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_existing_run_is_not_overwritten(trained):
+    before = os.path.getmtime(trained / "checkpoint.pt")
+    assert "already holds a run" in error_of(run, trained, "--steps", "2")
+    assert os.path.getmtime(trained / "checkpoint.pt") == before
+
+
+def test_bad_inputs_give_one_clear_sentence(tmp_path, trained, capsys):
+    assert "no checkpoint" in error_of(run, tmp_path / "fresh", "--resume")
+    (tmp_path / "empty").mkdir()
+    assert "no images" in error_of(run, tmp_path / "o1", "--data", str(tmp_path / "empty"))
+    assert "does not exist" in error_of(run, tmp_path / "o2", "--data", str(tmp_path / "missing"))
+    for bad, msg in ((["--image-size", "18"], "divisible by 4"),
+                     (["--model", "DiT-T/4", "--image-size", "18"], "patch size"),
+                     (["--model", "unet-cpu", "--arch", "dit"], "unet preset")):
+        with pytest.raises(SystemExit):
+            run(tmp_path / "o3", *bad)
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path / "o6", "--model", "unet-huge")
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path / "o7", "--dtr-alpha", "1.5")
+    assert "outside" in capsys.readouterr().err
+    # a checkpoint of another method or architecture
+    assert "method='ddpm'" in error_of(run, trained, "--resume", "--method", "dtr")
+    assert "arch='unet'" in error_of(run, trained, "--resume", "--model", "DiT-T/4")
+    # a truncated checkpoint
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])
+    assert "corrupt or truncated" in error_of(run, bad, "--resume")
+    assert "corrupt or truncated" in error_of(sample.main, ["--ckpt", str(bad / "checkpoint.pt")])

@@ -1,0 +1,468 @@
+"""
+The one training loop: every method in this repository trains through it.
+
+    python train.py                                   # DDPM on the built-in shapes data (CPU: ~10 min)
+    python train.py --method dtr --out runs/dtr       # Denoising Task Routing (dtr.py)
+    python train.py --method minsnr --target v        # Min-SNR-5 weighting for v-prediction (minsnr.py)
+    python train.py --method dtr --weighting min_snr  # DTR + Min-SNR, the DTR paper's Table 2 combination
+    torchrun --nproc_per_node=8 train.py --model unet-gpu --batch-size 256   # DDP on 8 GPUs
+
+`--method NAME` is a preset over independent axes (routing, loss weighting, prediction target, and
+the methods that own their own loss: mtdiff, jointnet, direct_extend); explicit flags override it.
+This file holds no paper math: losses come from diffusion.py (weighted by minsnr.py) or from the
+method's own file, routing from dtr.py.
+
+Reproducibility: all randomness of step k (timesteps, noise, dropout, label dropout) is seeded from
+(seed, rank, k), and the data order from (seed, epoch), so a resumed run continues exactly.
+A run directory holds config.json, checkpoint.pt (written atomically), log.jsonl and samples/*.png.
+"""
+import argparse
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import diffusion
+from dit import DIT_PRESETS, build_dit
+from unet import UNET_PRESETS, build_unet
+
+# --method presets over the independent axes; explicit flags win over these values.
+METHODS = {
+    "ddpm": dict(),
+    "minsnr": dict(weighting="min_snr", snr_gamma=5.0, target="eps"),
+    "dtr": dict(routing="dtr"),
+    "rtr": dict(routing="random"),
+    "dtr_minsnr": dict(routing="dtr", weighting="min_snr", snr_gamma=5.0),
+    "mtdiff": dict(),
+    "jointnet": dict(),
+    "direct_extend": dict(),
+}
+# Methods whose model, loss and sample grid live in their paper's file.
+METHOD_MODULES = {"mtdiff": "mtdiffusion", "jointnet": "jointnet", "direct_extend": "jointnet"}
+# Config keys that fix the network's shape: a checkpoint must agree on all of them.
+ARCH_KEYS = ("method", "arch", "model", "image_size", "in_channels", "num_classes", "learn_sigma")
+ON_GPU = torch.cuda.is_available()
+CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=32, steps=3000, lr=3e-4, ema_decay=0.999,
+                    ckpt_every=500, sample_every=1000, log_every=50, workers=0)
+GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_000, lr=1e-4, ema_decay=0.9999,
+                    ckpt_every=5000, sample_every=5000, log_every=100, workers=4)
+
+
+class RunError(Exception):
+    """A problem with the user's input: printed as one sentence, no traceback."""
+
+
+def _ranged(cast, lo=None, hi=None, lo_open=False):
+    def parse(s):
+        v = cast(s)
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            lo_s = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}"
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo_s}, {hi if hi is not None else 'inf'}]")
+        return v
+    return parse
+
+
+def get_parser():
+    import dtr
+    import minsnr
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--method", default="ddpm", choices=list(METHODS))
+    a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
+    a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU")
+    a("--data", default="shapes", help="'shapes', a folder of images, or an .npz file")
+    a("--image-size", type=_ranged(int, 8, 512))
+    a("--class-cond", type=int, choices=[0, 1], default=1, help="condition on labels when the data has several classes")
+    a("--cfg-drop", type=_ranged(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
+    a("--batch-size", type=_ranged(int, 1), help="global batch size (split across DDP ranks)")
+    a("--lr", type=_ranged(float, 0, lo_open=True))
+    a("--warmup", type=_ranged(int, 0), default=100, help="linear learning-rate warm-up steps")
+    a("--weight-decay", type=_ranged(float, 0), default=0.0)
+    a("--grad-clip", type=_ranged(float, 0), default=1.0, help="max gradient norm (0: off)")
+    a("--ema-decay", type=_ranged(float, 0, 1))
+    a("--steps", type=_ranged(int, 1))
+    a("--schedule", default="linear", choices=["linear", "cosine"])
+    a("--T", type=_ranged(int, 2), default=1000)
+    a("--target", choices=diffusion.TARGETS, help="prediction target (default eps)")
+    a("--weighting", choices=minsnr.STRATEGIES, help="per-timestep loss weight (minsnr.py); default none")
+    a("--snr-gamma", type=_ranged(float, 0), help="gamma of min/max-SNR weighting (default 5)")
+    a("--p2-k", type=_ranged(float, 0, lo_open=True), default=1.0)
+    a("--p2-gamma", type=_ranged(float, 0), default=1.0)
+    a("--routing", choices=["none", "dtr", "random"], help="channel routing in residual blocks (dtr.py)")
+    a("--dtr-alpha", type=_ranged(float, 0, 1, lo_open=True), default=0.8, help="activation ratio alpha")
+    a("--dtr-beta", type=_ranged(float, 0, lo_open=True), default=4.0, help="shift exponent beta")
+    a("--out", default="runs/default")
+    a("--seed", type=int, default=0)
+    a("--resume", nargs="?", const="auto", help="continue OUT/checkpoint.pt (or the given checkpoint)")
+    a("--log-every", type=_ranged(int, 1))
+    a("--ckpt-every", type=_ranged(int, 1))
+    a("--sample-every", type=_ranged(int, 1))
+    a("--sample-steps", type=_ranged(int, 1), default=50, help="DDIM steps for the sample grids")
+    a("--workers", type=_ranged(int, 0))
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--max-nonfinite", type=_ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
+    for name in sorted(set(METHOD_MODULES.values())):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).add_args(p)
+    return p
+
+
+def resolve_config(args, explicit=()):
+    """argparse Namespace -> plain config dict: explicit flags, else the method preset, else the defaults."""
+    defaults = {**(GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS),
+                **dict(target="eps", weighting="none", snr_gamma=5.0, routing="none"), **METHODS[args.method]}
+    cfg = dict(vars(args))
+    for k, v in defaults.items():
+        if cfg.get(k) is None or (k in METHODS[args.method] and k not in explicit):
+            cfg[k] = v
+    inferred = "dit" if cfg["model"].startswith("DiT") else "unet"
+    if cfg["arch"] is not None and cfg["arch"] != inferred:
+        raise RunError(f"--model {cfg['model']} is a {inferred} preset but --arch is {cfg['arch']}; drop --arch or pick a matching preset")
+    cfg["arch"], cfg["learn_sigma"], cfg["explicit"] = inferred, False, sorted(explicit)
+    return cfg
+
+
+def describe_data(cfg, dataset):
+    info = data.dataset_info(dataset)
+    cfg["in_channels"] = info["channels"]
+    cfg["num_classes"] = info["num_classes"] if cfg["class_cond"] and info["num_classes"] > 1 else 0
+    return info
+
+
+def check_image_size(cfg):
+    s = cfg["image_size"]
+    if cfg["arch"] == "dit":
+        patch = DIT_PRESETS[cfg["model"]]["patch_size"]
+        if s % patch:
+            raise RunError(f"--image-size {s} is not divisible by the patch size {patch} of {cfg['model']}; use a multiple of {patch}")
+    else:
+        f = 2 ** (len(UNET_PRESETS[cfg["model"]]["ch_mult"]) - 1)
+        if s % f:
+            raise RunError(f"--image-size {s} is not divisible by {f}, the downsampling factor of {cfg['model']}; use a multiple of {f}")
+
+
+def build_backbone(cfg, in_channels=None, out_channels=None):
+    c_in = in_channels or cfg["in_channels"]
+    kw = dict(num_classes=cfg["num_classes"], class_dropout_prob=cfg["cfg_drop"] if cfg["num_classes"] else 0.0)
+    if cfg["arch"] == "dit":
+        return build_dit(cfg["model"], cfg["image_size"], c_in, learn_sigma=cfg.get("learn_sigma", False),
+                         out_channels=out_channels, **kw)
+    return build_unet(cfg["model"], c_in, out_channels, **kw)
+
+
+def build_model(cfg):
+    """The network for a config: a backbone (+ routing masks), or the method's own model."""
+    if cfg["method"] in METHOD_MODULES:
+        model = importlib.import_module(METHOD_MODULES[cfg["method"]]).build_model(cfg)
+    else:
+        model = build_backbone(cfg)
+    if cfg["routing"] != "none":
+        import dtr
+        dtr.apply_routing(model, cfg["routing"], cfg["dtr_alpha"], cfg["dtr_beta"], cfg["T"], cfg["seed"])
+    return model
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True, turning every failure into one clear sentence."""
+    if not os.path.isfile(path):
+        raise RunError(f"no checkpoint at {path}: train first (python train.py --out DIR) or check the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise RunError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values, "
+                           "which could run code when unpickled; only checkpoints written by train.py load") from None
+        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise RunError(f"{path} is not a checkpoint written by train.py (it lacks 'model' and 'config')")
+    return ckpt
+
+
+def check_compatible(saved, cfg, what="the checkpoint"):
+    for k in ARCH_KEYS:
+        if saved.get(k) != cfg.get(k):
+            raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; "
+                           f"use matching settings or another --out")
+
+
+def load_run(path, ema=True, device="cpu"):
+    """(model, config, schedule) from a checkpoint; EMA weights by default. For sample.py and analysis tools."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
+    return model.to(device).eval(), cfg, diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Infinite batches of indices; epoch e is a permutation seeded by (seed, e). Rank r takes its slice
+    of each global batch, so one process and N ranks see the same global batches. `start` skips batches."""
+
+    def __init__(self, n, global_batch, seed, rank=0, world=1, start=0):
+        if n < global_batch:
+            raise RunError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower --batch-size")
+        self.n, self.B, self.seed, self.rank, self.world, self.start = n, global_batch, seed, rank, world, start
+
+    def __iter__(self):
+        per_epoch, b = self.n // self.B, self.B // self.world
+        k = self.start
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + k // per_epoch)
+            perm = torch.randperm(self.n, generator=g)
+            for j in range(k % per_epoch, per_epoch):
+                batch = perm[j * self.B:(j + 1) * self.B]
+                yield batch[self.rank * b:(self.rank + 1) * b].tolist()
+                k += 1
+
+
+def default_loss(model, batch, sched, cfg):
+    """Diffusion loss for the ddpm family: --target, weighted by --weighting (minsnr.py)."""
+    x0, t = batch["image"], batch["t"]
+    w = None
+    if cfg["weighting"] != "none":
+        import minsnr
+        w = minsnr.loss_weight(diffusion.snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
+                               p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"])
+    # Labels drop to the null class where the loop drew label_drop (classifier-free guidance training).
+    kw = dict(y=batch["label"], force_drop_ids=batch["label_drop"]) if cfg["num_classes"] else {}
+    loss, mse = diffusion.diffusion_loss(model, sched, x0, t, cfg["target"], w, batch["noise"], kw)
+    return loss, {"mse": mse}
+
+
+def default_samples(model, sched, cfg, n, generator, device):
+    """Rows of a sample grid: n EMA samples (DDIM), classes cycling across columns when conditional."""
+    y = torch.arange(n, device=device) % cfg["num_classes"] if cfg["num_classes"] else None
+    fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+    shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    return [diffusion.ddim_sample(fn, sched, shape, cfg["sample_steps"], target=cfg["target"], generator=generator, device=device)]
+
+
+class Objective(torch.nn.Module):
+    """Model + loss in one forward, so DDP sees every parameter use whatever the method's loss does."""
+
+    def __init__(self, model, loss_fn, sched, cfg):
+        super().__init__()
+        self.model, self.loss_fn, self.sched, self.cfg = model, loss_fn, sched, cfg
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch, self.sched, self.cfg)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def train(cfg):
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if ON_GPU else "cpu"
+    if ddp:
+        if ON_GPU:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if ON_GPU else "gloo")
+    if cfg["batch_size"] % world:
+        raise RunError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} processes; use a multiple of {world}")
+    master = rank == 0
+    out, ckpt_path = cfg["out"], os.path.join(cfg["out"], "checkpoint.pt")
+
+    resume = None
+    if cfg["resume"]:
+        resume = load_checkpoint(ckpt_path if cfg["resume"] == "auto" else cfg["resume"])
+        # Continue the saved experiment; flags given now override it (checked below for shape changes).
+        cfg = {**resume["config"], **{k: cfg[k] for k in cfg["explicit"]}, "resume": cfg["resume"], "out": out}
+        cfg["arch"] = "dit" if cfg["model"].startswith("DiT") else "unet"
+    elif os.path.exists(ckpt_path):
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    method = importlib.import_module(METHOD_MODULES[cfg["method"]]) if cfg["method"] in METHOD_MODULES else None
+    try:
+        dataset = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    describe_data(cfg, dataset)
+    if method is not None and resume is None:
+        method.prepare_config(cfg)  # e.g. JointNet takes its backbone from --init
+    check_image_size(cfg)
+    if resume is not None:
+        check_compatible(resume["config"], cfg)
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    step = seen = 0  # optimiser steps taken, batches consumed (more when non-finite steps were skipped)
+    if method is not None and resume is None:
+        method.init_model(model, cfg)  # e.g. JointNet copies the pretrained weights into both branches
+        ema.load_state_dict(model.state_dict())
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["opt"])
+        step, seen = resume["step"], resume["seen"]
+    sched = diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
+    loss_fn = method.training_loss if method is not None else default_loss
+    sample_fn = method.sample_rows if method is not None else default_samples
+    objective = Objective(model, loss_fn, sched, cfg)
+    if cfg["compile"]:
+        objective = torch.compile(objective)
+    if ddp:
+        objective = DDP(objective, device_ids=[device] if ON_GPU else None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else contextlib.nullcontext()
+
+    sampler = ResumableBatches(len(dataset), cfg["batch_size"], cfg["seed"], rank, world, start=seen)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["workers"],
+                                              pin_memory=ON_GPU, persistent_workers=cfg["workers"] > 0))
+    if master:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{'GPU' if ON_GPU else 'CPU'} run, {world} process(es): {cfg['method']} on {cfg['arch']} {cfg['model']} "
+              f"({n_params / 1e6:.2f}M parameters), {cfg['image_size']}px {cfg['data']}, batch {cfg['batch_size']}, "
+              f"{cfg['steps']} steps -> {out}")
+        print(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                        "step": step, "seen": seen, "config": cfg, "method": cfg["method"]})
+
+    def sample_grid():
+        if master:
+            from sample import save_grid
+            g = torch.Generator(device).manual_seed(cfg["seed"])
+            rows = sample_fn(ema, sched, cfg, 16, g, device)
+            save_grid(rows, os.path.join(out, "samples", f"step_{step:07d}.png"))
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg["steps"], initial=step, disable=not master, dynamic_ncols=True)
+    window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
+    extra = {}
+    nonfinite = 0
+    B = cfg["batch_size"]
+    while step < cfg["steps"] and stop["signal"] is None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+        seen += 1
+        # Step-k randomness is a function of (seed, rank, k): exact resume, same draws on every rank count.
+        torch.manual_seed(cfg["seed"] * 1_000_003 + step * 7919 + rank)
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+        x_shape = (B, *batch["image"].shape[1:])
+        sl = slice(rank * (B // world), (rank + 1) * (B // world))
+        batch["t"] = diffusion.sample_timesteps(B, cfg["T"], generator=g)[sl].to(device)
+        batch["noise"] = torch.randn(x_shape, generator=g)[sl].to(device)
+        # Label dropout is drawn here, globally, so that one process and N DDP ranks drop the same labels.
+        batch["label_drop"] = (torch.rand(B, generator=g) < cfg["cfg_drop"])[sl].to(device)
+        lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with amp:
+            loss, stats = objective(batch)
+        flags = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)], device=device)
+        if ddp:  # every rank must skip, or stop, together
+            dist.all_reduce(flags)
+        if flags[1] > 0:
+            stop["signal"] = stop["signal"] or "a signal on another rank"
+            seen -= 1  # this batch was not trained on: a resumed run takes it again
+            break
+        if flags[0] > 0:
+            nonfinite += 1
+            opt.zero_grad(set_to_none=True)
+            if nonfinite >= cfg["max_nonfinite"]:
+                raise RunError(f"the loss was not finite for {nonfinite} steps in a row (last at step {step}); "
+                               f"the last good checkpoint in {out} is kept; lower --lr or check the data")
+            continue  # the batch is consumed but the step is not applied
+        nonfinite = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        step += 1
+        update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
+
+        window["loss"] += loss.item(); window["n"] += 1; window["images"] += B
+        bins = (batch["t"].cpu() * 10 // cfg["T"]).long()
+        window["bins"][0].index_add_(0, bins, stats["mse"].detach().float().cpu())
+        window["bins"][1].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
+        for k, v in stats.items():
+            if k != "mse":
+                extra[k] = extra.get(k, 0.0) + float(v)
+        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            dt = time.time() - window["t0"]
+            s, c = window["bins"]
+            rec = {"step": step, "loss": window["loss"] / window["n"], "lr": lr, "img_per_s": window["images"] / dt,
+                   "loss_bins": [None if c[i] == 0 else (s[i] / c[i]).item() for i in range(10)],
+                   **{k: v / window["n"] for k, v in extra.items()}}
+            if master:
+                with open(os.path.join(out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
+            extra = {}
+        bar.update(1)
+        if step % cfg["ckpt_every"] == 0:
+            checkpoint()
+        if step % cfg["sample_every"] == 0 or step == cfg["steps"]:
+            sample_grid()
+    bar.close()
+    checkpoint()
+    if master:
+        why = f"stopped by {stop['signal']}" if stop["signal"] else "done"
+        print(f"{why} at step {step}: checkpoint {ckpt_path}, samples in {os.path.join(out, 'samples')}")
+    if ddp:
+        dist.destroy_process_group()
+    return step
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    try:  # what can be checked before any data or process group is touched is an argument error
+        cfg = resolve_config(args, explicit)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg["batch_size"] % world:
+            raise RunError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} processes; use a multiple of {world}")
+        if cfg["method"] not in METHOD_MODULES and not cfg["resume"]:
+            check_image_size(cfg)
+    except RunError as e:
+        parser.error(str(e))
+    try:
+        return train(cfg)
+    except RunError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
