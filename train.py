@@ -100,7 +100,8 @@ def get_parser():
     a("--snr-gamma", type=_ranged(float, 0), help="gamma of min/max-SNR weighting (default 5)")
     a("--p2-k", type=_ranged(float, 0, lo_open=True), default=1.0)
     a("--p2-gamma", type=_ranged(float, 0), default=1.0)
-    a("--routing", choices=["none", "dtr", "random"], help="channel routing in residual blocks (dtr.py)")
+    a("--routing", choices=dtr.ROUTINGS, help="channel routing in residual blocks (dtr.py): random is R-TR, "
+      "cdtr/ercdt the clustered variants of the DTR paper's App. F")
     a("--dtr-alpha", type=_ranged(float, 0, 1, lo_open=True), default=0.8, help="activation ratio alpha")
     a("--dtr-beta", type=_ranged(float, 0, lo_open=True), default=4.0, help="shift exponent beta")
     a("--out", default="runs/default")

@@ -71,7 +71,7 @@ class Routed(nn.Module):
     def route(self, h, t):
         if self.route_mask is None:
             return h
-        m = self.route_mask[t].to(h.dtype)                                    # (B, C)
+        m = self.route_mask[t.long()].to(h.dtype)                             # (B, C)
         return h * m.view(*m.shape, *([1] * (h.ndim - 2)))
 
 
