@@ -4,7 +4,7 @@ The one sampling CLI: load a checkpoint written by train.py and draw samples.
     python sample.py --ckpt runs/default/checkpoint.pt                       # 64 DDIM-50 samples, EMA weights
     python sample.py --ckpt RUN/checkpoint.pt --sampler ddpm --steps 1000   # full ancestral DDPM
     python sample.py --ckpt RUN/checkpoint.pt --cfg-scale 3 --class 2       # classifier-free guidance
-    torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --n 50000 # split across ranks, one .npz
+    torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --num-samples 50000  # one .npz
 
 Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`). Methods with their
 own sampling tasks (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices,
@@ -83,7 +83,7 @@ def get_parser():
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint.pt written by train.py, or its run folder")
     a("--out", help="output path without extension (default: RUN/samples/sample)")
-    a("--n", type=int, default=64)
+    a("--n", "--num-samples", dest="n", type=int, default=64, help="number of samples (under torchrun write --num-samples: torchrun reads --n as its own)")
     a("--batch", type=int, default=64, help="samples per forward pass")
     a("--sampler", choices=["ddim", "ddpm"], default="ddim")
     a("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")

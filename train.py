@@ -212,10 +212,14 @@ def load_run(path, ema=True, device="cpu"):
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # an interrupted write leaves no partial file behind
+            os.remove(tmp)
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -332,7 +336,8 @@ def train(cfg):
     if cfg["compile"]:
         objective = torch.compile(objective)
     if ddp:
-        objective = DDP(objective, device_ids=[device] if ON_GPU else None)
+        # No buffer needs syncing (GroupNorm/LayerNorm keep no running stats; routing masks are fixed).
+        objective = DDP(objective, device_ids=[device] if ON_GPU else None, broadcast_buffers=False)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else contextlib.nullcontext()
 
     sampler = ResumableBatches(len(dataset), cfg["batch_size"], cfg["seed"], rank, world, start=seen)
