@@ -65,7 +65,7 @@ SEG_CLASSES = NUM_CLASSES + 1  # seg values 0 (background) .. 4
 FOV_DEG = 45.0
 CAM_HEIGHT = 1.0  # the floor is the plane y = -CAM_HEIGHT
 Z_WALL = 8.0  # the back wall is the plane z = Z_WALL
-Z_NEAR, Z_FAR = 2.0, 8.0  # disparity 1/Z_NEAR -> +1, 1/Z_FAR -> -1
+Z_NEAR, Z_FAR = 2.4, 8.0  # disparity 1/Z_NEAR -> +1, 1/Z_FAR -> -1 (the nearest floor pixel is at z ~ 2.43)
 AMBIENT = 0.35
 
 SPLIT_IDS = {"train": 0, "test": 1}
@@ -103,11 +103,12 @@ def _check_split(split):
 
 
 def scene(seed, split, index):
-    """The parameters of scene `index` of `split`: walls, light and a list of primitives.
+    """The parameters of scene `index` of `split`: wall and floor colours, light direction, primitives.
 
     Sphere: center, radius. Box: center, half (half extents before rotation), angle (about the
     vertical axis). Cylinder and cone: base (centre of the bottom disc), radius, height. Every
-    object also has kind (a CLASS_NAMES entry) and color (RGB albedo in [0,1]).
+    object also has kind (a CLASS_NAMES entry) and color (RGB albedo in [0,1]); `light` is the
+    unit vector towards the light, wall_color and floor_color are RGB albedos.
     """
     _check_split(split)
     if min(seed, index) < 0:
@@ -142,7 +143,7 @@ def scene(seed, split, index):
             w = 0.8 * s
             h = w * u(0.8, 1.3)
             obj = {"center": np.array([x, floor + h, z]), "half": np.array([w, h, w]),
-                   "angle": u(0.0, math.pi / 2)}
+                   "angle": u(0.3, math.pi / 2 - 0.3)}  # two faces always visible
         elif kind == "cylinder":
             obj = {"base": np.array([x, floor, z]), "radius": 0.8 * s, "height": s * u(1.5, 2.4)}
         else:
@@ -170,7 +171,7 @@ def sphere_hit(o, x, y):
     disc = b * b - a * (c @ c - r * r)
     with np.errstate(invalid="ignore"):
         t = (b - np.sqrt(disc)) / a  # the nearer root of |t d - c|^2 = r^2
-    return np.where(disc >= 0, t, np.inf)
+    return np.where((disc >= 0) & (t > 0), t, np.inf)
 
 
 def sphere_normal(o, p):
@@ -210,7 +211,7 @@ def _disc_hit(x, y, base, radius, y_plane):
     """A horizontal disc of `radius` centred above `base` at height y_plane."""
     with np.errstate(divide="ignore", invalid="ignore"):
         t = y_plane / y
-    inside = (x * t - base[0]) ** 2 + (t - base[2]) ** 2 <= radius * radius
+        inside = (x * t - base[0]) ** 2 + (t - base[2]) ** 2 <= radius * radius
     return np.where(inside, t, np.inf)
 
 
@@ -266,55 +267,83 @@ NORMAL = {"sphere": sphere_normal, "box": box_normal, "cylinder": cylinder_norma
 # Rendering
 
 @functools.lru_cache(maxsize=16)
-def _rays(size, aa):
-    """Ray directions (x, y) of shape (1 + aa^2, size, size): pixel centres, then aa x aa sub-samples."""
+def _camera(size, aa):
+    """Everything about a frame that no scene changes, as read-only arrays of shape (S, size, size),
+    S = 1 + aa^2 ray sets (pixel centres, then the aa x aa sub-samples):
+    ray directions (x, y, 1), the background's depth t and id (0 wall, 1 floor), and the wall's
+    vertical gradient and the floor's fade with distance (each 0 off its own surface)."""
     half = math.tan(math.radians(FOV_DEG) / 2)
-    offsets = [0.5] + [(i + 0.5) / aa for i in range(aa)]  # pixel centre, then the sub-sample grid
-    xs, ys = [], []
-    for k in range(1 + aa * aa):
-        ox, oy = (0.5, 0.5) if k == 0 else (offsets[1 + (k - 1) % aa], offsets[1 + (k - 1) // aa])
-        col = (np.arange(size) + ox) / size * 2 - 1  # in (-1, 1), left to right
-        row = 1 - (np.arange(size) + oy) / size * 2  # in (-1, 1), top to bottom
-        xs.append(np.broadcast_to(col[None, :] * half, (size, size)))
-        ys.append(np.broadcast_to(row[:, None] * half, (size, size)))
-    x, y = np.stack(xs), np.stack(ys)
-    x.flags.writeable = y.flags.writeable = False
-    return x, y
+    offsets = [(0.5, 0.5)] + [((i + 0.5) / aa, (j + 0.5) / aa) for j in range(aa) for i in range(aa)]
+    col = lambda o: ((np.arange(size) + o) / size * 2 - 1) * half  # left to right
+    row = lambda o: (1 - (np.arange(size) + o) / size * 2) * half  # top to bottom
+    x = np.stack([np.broadcast_to(col(ox)[None, :], (size, size)) for ox, _ in offsets])
+    y = np.stack([np.broadcast_to(row(oy)[:, None], (size, size)) for _, oy in offsets])
+    with np.errstate(divide="ignore"):
+        t_floor = np.where(y < 0, -CAM_HEIGHT / y, np.inf)  # the plane y = -CAM_HEIGHT
+    t = np.minimum(t_floor, Z_WALL)  # the wall z = Z_WALL: every ray hits something
+    hit = (t_floor < Z_WALL).astype(np.int64)
+    wall = np.where(hit == 0, 0.78 + 0.22 * np.clip(y * Z_WALL / 3.5, -1, 1), 0)  # lighter up high
+    floor = np.where(hit == 1, 1 - 0.2 * (t - Z_NEAR) / (Z_WALL - Z_NEAR), 0)  # darker far away
+    for arr in (x, y, t, hit, wall, floor):
+        arr.flags.writeable = False
+    return x, y, t, hit, wall, floor
+
+
+def _bounding_sphere(o):
+    if o["kind"] == "sphere":
+        return o["center"], o["radius"]
+    if o["kind"] == "box":
+        return o["center"], float(np.linalg.norm(o["half"]))
+    return o["base"] + [0.0, o["height"] / 2, 0.0], math.hypot(o["radius"], o["height"] / 2)
+
+
+def _pixel_window(o, size):
+    """Rows r0:r1 and columns c0:c1 that can see object o: its bounding sphere's box, projected."""
+    c, R = _bounding_sphere(o)
+    z0, z1 = c[2] - R, c[2] + R
+    if z0 <= 1e-6:  # reaches the camera plane: test every pixel
+        return 0, size, 0, size
+    lo = lambda a: a / z0 if a < 0 else a / z1  # the smallest a / z over z in [z0, z1]
+    hi = lambda a: a / z0 if a > 0 else a / z1  # the largest
+    scale = size / (2 * math.tan(math.radians(FOV_DEG) / 2))  # image-plane units -> pixels
+    clamp = lambda i: min(max(i, 0), size)
+    r0, r1 = size / 2 - hi(c[1] + R) * scale, size / 2 - lo(c[1] - R) * scale  # rows grow downwards
+    c0, c1 = size / 2 + lo(c[0] - R) * scale, size / 2 + hi(c[0] + R) * scale
+    return clamp(math.floor(r0) - 1), clamp(math.ceil(r1) + 1), clamp(math.floor(c0) - 1), clamp(math.ceil(c1) + 1)
 
 
 def render(scene, size, aa=2):
     """Ray-trace a scene: image (H,W,3) float32 in [0,1], depth z (H,W) float32, seg (H,W) int64.
 
-    The image averages aa x aa samples per pixel; depth and seg are exact at pixel centres.
+    The image averages aa x aa samples per pixel (aa=1 shades exactly at pixel centres); depth
+    and seg are exact at pixel centres.
     """
-    x, y = _rays(size, aa)  # (S, size, size) each, S = 1 + aa^2
-    x, y = x.reshape(-1), y.reshape(-1)  # (P,)
+    x, y, t_bg, hit_bg, wall, floor = _camera(size, aa)  # (S, size, size) each, S = 1 + aa^2
     objects = scene["objects"]
-    with np.errstate(divide="ignore"):
-        t_floor = np.where(y < 0, -CAM_HEIGHT / y, np.inf)
-    t = np.minimum(t_floor, Z_WALL)  # (P,) the background is everywhere
-    hit = np.where(t_floor < Z_WALL, 1, 0)  # 0 = wall, 1 = floor, 2 + i = object i
+    t, hit = t_bg.copy(), hit_bg.copy()  # 0 = wall, 1 = floor, 2 + i = object i
     for i, o in enumerate(objects):
-        t_o = HIT[o["kind"]](o, x, y)
-        hit = np.where(t_o < t, 2 + i, hit)
-        t = np.minimum(t, t_o)
+        r0, r1, c0, c1 = _pixel_window(o, size)  # only rays that can reach the object are traced
+        t_o = HIT[o["kind"]](o, x[:, r0:r1, c0:c1], y[:, r0:r1, c0:c1])
+        t_win, hit_win = t[:, r0:r1, c0:c1], hit[:, r0:r1, c0:c1]  # views into t and hit
+        closer = t_o < t_win
+        hit_win[closer], t_win[closer] = 2 + i, t_o[closer]
+    x, y, t, hit = x.reshape(-1), y.reshape(-1), t.reshape(-1), hit.reshape(-1)  # (P,)
 
-    p = np.stack([x * t, y * t, t], -1)  # (P, 3) hit points
-    n = np.where((hit == 1)[:, None], np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]))  # (P, 3)
+    light = scene["light"]
+    lambert = lambda n: AMBIENT + (1 - AMBIENT) * np.maximum(n @ light, 0)  # Lambertian shading
+    shade = lambert(np.array([0.0, 0.0, -1.0])) * wall + lambert(np.array([0.0, 1.0, 0.0])) * floor
+    shade = shade.reshape(-1)  # (P,), background only; object pixels are shaded next
     for i, o in enumerate(objects):
-        mask = hit == 2 + i
-        if mask.any():
-            n[mask] = NORMAL[o["kind"]](o, p[mask])
-    shade = AMBIENT + (1 - AMBIENT) * np.maximum(n @ scene["light"], 0)  # Lambert, (P,)
-    wall_gradient = 0.8 + 0.25 * np.clip(p[:, 1] / 3.5, -1, 1)  # brighter towards the top
-    floor_fade = 1.05 - 0.2 * (t - 2.4) / (Z_WALL - 2.4)  # slightly darker towards the wall
-    shade = shade * np.where(hit == 0, wall_gradient, np.where(hit == 1, floor_fade, 1.0))
+        idx = np.flatnonzero(hit == 2 + i)
+        if idx.size:
+            p = np.stack([x[idx] * t[idx], y[idx] * t[idx], t[idx]], -1)  # (M, 3) hit points
+            shade[idx] = lambert(NORMAL[o["kind"]](o, p))
     albedo = np.stack([scene["wall_color"], scene["floor_color"]] + [o["color"] for o in objects])
-    rgb = np.clip(albedo[hit] * shade[:, None], 0, 1).reshape(1 + aa * aa, size, size, 3)
+    rgb = (albedo[hit] * shade[:, None]).reshape(1 + aa * aa, size, size, 3)
 
     seg_of_hit = np.array([0, 0] + [1 + CLASS_NAMES.index(o["kind"]) for o in objects])
     centre = slice(0, size * size)  # the first ray set holds the pixel centres
-    return {"image": rgb[1:].mean(0).astype(np.float32),
+    return {"image": np.clip(rgb[1:].sum(0) / (aa * aa), 0, 1).astype(np.float32),
             "depth": t[centre].reshape(size, size).astype(np.float32),
             "seg": seg_of_hit[hit[centre]].reshape(size, size).astype(np.int64)}
 
@@ -328,195 +357,344 @@ def label_from_seg(seg):
 # -----------------------------------------------------------------------------
 # Datasets
 
-def check_size(size):
-    if not (isinstance(size, int) and MIN_SIZE <= size <= MAX_SIZE):
-        raise ValueError(f"the shapes data renders at {MIN_SIZE}..{MAX_SIZE} px, got size={size}")
+def _check_size(size, lo=1, hi=None):
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < lo or (hi and size > hi):
+        bounds = f"between {lo} and {hi}" if hi else f"at least {lo}"
+        raise ValueError(f"size must be an integer {bounds}, got {size!r}")
+    return int(size)
 
 
 class Shapes(torch.utils.data.Dataset):
-    """The procedural RGB-D scenes; item i of a split is the same everywhere. Rendered items are kept in
-    memory (uint8 image, float16 disparity, uint8 seg), so every epoch after the first is cheap."""
+    """Procedural RGB-D scenes: item i of (seed, split) is always the same image, depth, seg and label.
 
-    def __init__(self, size=32, split="train", seed=0, length=None):
-        check_size(size)
+    Items are stored after their first render (image uint8, depth float16, seg uint8) and every
+    item, first or cached, is returned from that stored form, so the two never differ. A full
+    cache takes about 6.5 KB per item at 32 px (330 MB for the 50,000 train items; 4x that at
+    64 px), and with DataLoader workers each worker keeps its own; pass cache=False to keep none.
+    """
+    channels, num_classes, has_depth, has_seg = 3, NUM_CLASSES, True, True
+
+    def __init__(self, size=32, split="train", seed=0, length=None, cache=True):
+        self.size = _check_size(size, MIN_SIZE, MAX_SIZE)
         _check_split(split)
-        self.size, self.split, self.seed = size, split, seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.split, self.seed = split, int(seed)
         self.length = DEFAULT_LENGTHS[split] if length is None else int(length)
         if self.length < 1:
-            raise ValueError(f"length must be at least 1, got {length}")
-        self.cache = {}
+            raise ValueError(f"length must be a positive integer, got {length!r}")
+        self.cache = {} if cache else None
 
     def __len__(self):
         return self.length
 
-    def raw(self, index):
-        """(image uint8 (H,W,3), disparity float16 (H,W), seg uint8 (H,W)), rendered once."""
-        if index not in self.cache:
-            r = render(scene(self.seed, self.split, index), self.size)
-            self.cache[index] = (np.round(r["image"] * 255).astype(np.uint8),
-                                 depth_to_disparity(r["depth"]).astype(np.float16), r["seg"].astype(np.uint8))
-        return self.cache[index]
+    def _stored(self, index):
+        """Render item `index` and quantise it to the form kept in memory."""
+        out = render(scene(self.seed, self.split, index), self.size)
+        image = np.round(out["image"].transpose(2, 0, 1) * 255).astype(np.uint8)  # (3, H, W)
+        depth = depth_to_disparity(out["depth"]).astype(np.float16)[None]  # (1, H, W)
+        return image, depth, out["seg"].astype(np.uint8), label_from_seg(out["seg"])
 
     def __getitem__(self, index):
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} is outside the {self.split} split of {self.length} items")
-        img, disp, seg = self.raw(index)
-        return {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1,   # (3, H, W)
-                "depth": torch.from_numpy(disp.astype(np.float32))[None],              # (1, H, W)
-                "seg": torch.from_numpy(seg.astype(np.int64)),                         # (H, W)
-                "label": torch.tensor(label_from_seg(seg), dtype=torch.long)}
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} is out of range for a Shapes dataset of length {self.length}")
+        index = int(index) % self.length
+        stored = self.cache.get(index) if self.cache is not None else None
+        if stored is None:
+            stored = self._stored(index)
+            if self.cache is not None:
+                self.cache[index] = stored
+        image, depth, seg, label = stored
+        return {"image": torch.from_numpy(image).float() / 127.5 - 1,  # (3, H, W) in [-1, 1]
+                "depth": torch.from_numpy(depth).float(),  # (1, H, W) in [-1, 1]
+                "seg": torch.from_numpy(seg).long(),  # (H, W)
+                "label": torch.tensor(label)}  # ()
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _to_float_rgb(im):
+    """Any PIL mode -> float32 (H,W,3) in [0,1], or (H,W,1) for high-bit-depth greyscale.
+    Transparency is composited over white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: 65535 is white
+        a = np.asarray(im, dtype=np.float32) / 65535
+    elif im.mode == "F":  # float greyscale, taken to be in [0, 1]
+        a = np.asarray(im, dtype=np.float32)
+    else:
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
+            return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])  # over a white background
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    return np.clip(a, 0, 1)[..., None]
+
+
+def _center_crop_resize(a, size):
+    """float32 (H,W,C) -> (size,size,C): crop the central square, then resize (bicubic, antialiased)."""
+    h, w = a.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    a = a[top:top + s, left:left + s]
+    if s == size:
+        return a
+    channels = [Image.fromarray(np.ascontiguousarray(a[..., c])).resize((size, size), Image.BICUBIC)
+                for c in range(a.shape[-1])]  # mode F keeps 16-bit precision
+    return np.clip(np.stack([np.asarray(c) for c in channels], -1), 0, 1)
 
 
 def load_image(path, size):
-    """Any PIL mode -> float32 (3, size, size) in [-1,1]: centre crop to a square, then resize."""
+    """One image file -> float32 tensor (3, size, size) in [-1,1]."""
     with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth greyscale: scale, don't clip
-            a = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(a / peak * 255, 0, 255).round().astype(np.uint8), "L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)  # transparent pixels become white
-        im = im.convert("RGB")
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        im = im.resize((size, size), Image.BICUBIC if s < size else Image.BOX)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        if im.format == "JPEG":
+            im.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
+        a = _center_crop_resize(_to_float_rgb(im), size)  # (size, size, 3 or 1) in [0, 1]
+    x = torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1  # (3 or 1, size, size)
+    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def _image_files(folder):
+    """Image files under folder, recursive, sorted; hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Every image under `root` (recursive). Unreadable files are found once, here, and skipped with one
-    warning, so nothing fails mid-run. If the images all sit in immediate subfolders, the sorted
-    subfolder names are the classes; otherwise every label is 0."""
+    """Every image under `root` (recursive), centre-cropped to a square and resized to `size`.
 
-    def __init__(self, root, size):
+    Labels: when the files all sit in immediate subfolders of root and every subfolder holds
+    images, the sorted subfolder names are the classes; otherwise every label is 0 and
+    num_classes is 0 (unlabeled). Every file is decoded once here (verify=True), so a truncated
+    or unreadable file is skipped now, with one warning, rather than crashing a run later.
+    """
+    channels, has_depth, has_seg = 3, False, False
+
+    def __init__(self, root, size=32, verify=True):
+        self.size = _check_size(size)
         if not os.path.isdir(root):
-            raise ValueError(f"data folder {root} does not exist: pass 'shapes', a folder of images or an .npz file")
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        if not paths:
-            raise ValueError(f"no images found in {root}: expected {', '.join(IMAGE_EXTS)} files (searched recursively)")
-        good, bad = [], []
-        for p in paths:
-            try:
-                with Image.open(p) as im:
-                    im.load()  # decodes the whole file: truncated or corrupt files fail here
-                good.append(p)
-            except Exception:
-                bad.append(p)
-        if bad:
-            names = ", ".join(os.path.basename(p) for p in bad[:3])
-            warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root} (e.g. {names})")
-        if not good:
-            raise ValueError(f"none of the {len(paths)} image files in {root} could be read")
-        first = [os.path.relpath(p, root).split(os.sep) for p in good]
-        self.classes = sorted({f[0] for f in first}) if all(len(f) > 1 for f in first) else []
-        self.labels = [self.classes.index(f[0]) if self.classes else 0 for f in first]
-        self.paths, self.size, self.skipped = good, size, len(bad)
+            raise ValueError(f"image folder {root!r} does not exist or is not a folder")
+        files = _image_files(root)
+        if not files:
+            raise ValueError(f"no images found in {root!r}: expected {'/'.join(IMAGE_EXTENSIONS)} "
+                             f"files in it or in its subfolders")
+        subfolders = sorted(d for d in os.listdir(root)
+                            if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+        top = [os.path.relpath(f, root).split(os.sep)[0] for f in files]
+        labeled = bool(subfolders) and set(top) == set(subfolders)  # no loose files, no empty class
+        self.classes = subfolders if labeled else []
+        self.num_classes = len(self.classes)
+        labels = [self.classes.index(d) if labeled else 0 for d in top]
+        if verify:
+            ok = [self._readable(f) for f in files]
+            bad = [f for f, good in zip(files, ok) if not good]
+            if bad:
+                names = ", ".join(os.path.relpath(f, root) for f in bad[:5])
+                warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root!r}: {names}"
+                              + (", ..." if len(bad) > 5 else ""), stacklevel=2)
+            files = [f for f, good in zip(files, ok) if good]
+            labels = [y for y, good in zip(labels, ok) if good]
+            if not files:
+                raise ValueError(f"no readable images in {root!r}: all {len(bad)} image files failed to load")
+        self.files, self.labels = files, labels
+
+    def _readable(self, path):
+        try:
+            load_image(path, self.size)
+            return True
+        except Exception:  # any decoder or conversion failure marks the file as unusable
+            return False
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.files)
 
     def __getitem__(self, index):
-        return {"image": load_image(self.paths[index], self.size),
-                "label": torch.tensor(self.labels[index], dtype=torch.long)}
+        return {"image": load_image(self.files[index], self.size),  # (3, size, size)
+                "label": torch.tensor(self.labels[index])}  # ()
 
 
 class NpzDataset(torch.utils.data.Dataset):
-    """Arrays in an .npz: `image` as uint8 (N, H, W, C) in [0, 255] or float (N, C, H, W) in [-1, 1] (any
-    C, e.g. precomputed latents), optional `label` (N,), `depth` (N, 1, H, W) or (N, H, W) in [-1, 1],
-    `seg` (N, H, W). `size` resizes images (bilinear) when given and different."""
+    """Arrays in an .npz file, one item per entry along the first axis.
 
+    image  (N,H,W,C) uint8 in 0..255 (channels last), or (N,C,H,W) float in [-1,1] (channels first,
+           used as stored, so precomputed latents with any C work too)
+    label  (N,) integers, optional (label 0 and num_classes 0 when absent)
+    depth  (N,H,W) or (N,1,H,W) float normalised disparity in [-1,1], optional
+    seg    (N,H,W) integers, optional
+    Any other array with N entries is passed through unchanged under its own name. With `size`,
+    image, depth and seg are centre-cropped to a square and resized (seg by nearest neighbour).
+    """
     def __init__(self, path, size=None):
+        self.size = None if size is None else _check_size(size)
         if not os.path.isfile(path):
-            raise ValueError(f"npz file {path} does not exist")
-        arrays = dict(np.load(path))
+            raise ValueError(f"npz file {path!r} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise ValueError(f"could not read {path!r} as an .npz of numeric arrays ({e})") from None
         if "image" not in arrays:
-            raise ValueError(f"{path} has no 'image' array (it has: {', '.join(arrays) or 'nothing'})")
-        img = arrays["image"]
-        if img.ndim != 4:
-            raise ValueError(f"'image' in {path} must be 4-D, (N, H, W, C) uint8 or (N, C, H, W) float; got shape {img.shape}")
-        if img.dtype == np.uint8:
-            img = img.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
-        self.image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))  # (N, C, H, W)
-        if size is not None and self.image.shape[-1] != size:
-            self.image = F.interpolate(self.image, size=(size, size), mode="bilinear", align_corners=False)
-        n = len(self.image)
-        self.extra = {}
-        for k in ("label", "depth", "seg"):
-            if k in arrays:
-                if len(arrays[k]) != n:
-                    raise ValueError(f"'{k}' in {path} has {len(arrays[k])} entries but 'image' has {n}")
-                a = torch.from_numpy(arrays[k])
-                self.extra[k] = a.long() if k in ("label", "seg") else (a[:, None] if a.ndim == 3 else a).float()
-        self.extra.setdefault("label", torch.zeros(n, dtype=torch.long))
+            raise ValueError(f"{path!r} has no 'image' array (it has {sorted(arrays)}); "
+                             f"store images under the key 'image'")
+        arrays["image"] = self._check_image(arrays["image"], path)  # (N, C, H, W)
+        n, h, w = len(arrays["image"]), *arrays["image"].shape[2:]
+        if "depth" in arrays and arrays["depth"].ndim == 3:
+            arrays["depth"] = arrays["depth"][:, None]  # (N, 1, H, W)
+        expected = {"label": (n,), "depth": (n, 1, h, w), "seg": (n, h, w)}
+        for k, a in arrays.items():
+            if a.ndim == 0 or len(a) != n:
+                raise ValueError(f"array {k!r} in {path!r} has shape {a.shape} but 'image' has {n} "
+                                 f"entries; every array needs the same first dimension")
+            if k in expected and a.shape != expected[k]:
+                raise ValueError(f"{k!r} in {path!r} must have shape {expected[k]} to match 'image', got {a.shape}")
+            if k in ("label", "seg") and not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{k!r} in {path!r} must hold integers, got {a.dtype}")
+            if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+                raise ValueError(f"array {k!r} in {path!r} has dtype {a.dtype}; only numeric arrays can be batched")
+        if "label" in arrays and arrays["label"].min() < 0:
+            raise ValueError(f"'label' in {path!r} must be class ids 0, 1, 2, ..., got a negative value")
+        self.arrays, self.length = arrays, n
+        self.channels = arrays["image"].shape[1]
+        self.num_classes = int(arrays["label"].max()) + 1 if "label" in arrays else 0
+        self.has_depth, self.has_seg = "depth" in arrays, "seg" in arrays
+
+    @staticmethod
+    def _check_image(image, path):
+        """uint8 (N,H,W,C) or float (N,C,H,W) -> a (N,C,H,W) view; anything else is a clear error."""
+        if image.ndim != 4 or len(image) == 0:
+            raise ValueError(f"'image' in {path!r} must be 4-D and non-empty, (N,H,W,C) uint8 or (N,C,H,W) "
+                             f"float; got shape {image.shape}")
+        if image.dtype == np.uint8:
+            if image.shape[1] <= 4 < image.shape[-1]:
+                raise ValueError(f"uint8 'image' in {path!r} must be channels last (N,H,W,C); shape "
+                                 f"{image.shape} looks channels first")
+            return image.transpose(0, 3, 1, 2)
+        if not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"'image' in {path!r} must be uint8 or float, got {image.dtype}")
+        if image.shape[-1] <= 4 < image.shape[1]:
+            raise ValueError(f"float 'image' in {path!r} must be channels first (N,C,H,W); shape "
+                             f"{image.shape} looks channels last")
+        if np.abs(image).max() > 1.01:
+            warnings.warn(f"float 'image' in {path!r} has values outside [-1,1] (max |x| = "
+                          f"{np.abs(image).max():.3g}); they are used unchanged", stacklevel=3)
+        return image
 
     def __len__(self):
-        return len(self.image)
+        return self.length
+
+    def _resize(self, x, mode):
+        """(C,H,W) tensor -> (C,size,size): centre square crop, then resize."""
+        if self.size is None:
+            return x
+        h, w = x.shape[-2:]
+        s = min(h, w)
+        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        if s == self.size:
+            return x
+        if mode == "nearest":  # class ids must not be blended
+            return F.interpolate(x[None].float(), size=self.size, mode="nearest-exact")[0].to(x.dtype)
+        return F.interpolate(x[None], size=self.size, mode=mode, antialias=True, align_corners=False)[0]
 
     def __getitem__(self, index):
-        return {"image": self.image[index], **{k: v[index] for k, v in self.extra.items()}}
+        a = self.arrays
+        item = {k: torch.from_numpy(np.asarray(v[index])) for k, v in a.items()
+                if k not in ("image", "depth", "seg", "label")}  # extra arrays, unchanged
+        image = torch.from_numpy(np.ascontiguousarray(a["image"][index]))  # (C, H, W)
+        if image.dtype == torch.uint8:
+            item["image"] = self._resize(image.float() / 127.5 - 1, "bicubic").clamp(-1, 1)
+        else:
+            item["image"] = self._resize(image.float(), "bicubic")  # (C, size, size), values as stored
+        item["label"] = torch.tensor(int(a["label"][index]) if "label" in a else 0)  # ()
+        if self.has_depth:
+            item["depth"] = self._resize(torch.from_numpy(a["depth"][index]).float(), "bilinear")  # (1, H, W)
+        if self.has_seg:
+            item["seg"] = self._resize(torch.from_numpy(a["seg"][index]).long()[None], "nearest")[0]  # (H, W)
+        return item
 
 
 def build_dataset(data, size, split="train", seed=0):
-    """"shapes", a folder of images, or an .npz file -> a Dataset of dicts (see the module docstring)."""
+    """`data` is "shapes", a folder of images, or a path ending in .npz.
+
+    `split` and `seed` choose the Shapes stream; a folder or .npz is one split (point `data` at
+    another folder or file for held-out data).
+    """
+    _check_split(split)
     if data == "shapes":
         return Shapes(size, split, seed)
-    if str(data).endswith(".npz"):
+    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".npz"):
         return NpzDataset(data, size)
-    if os.path.isdir(data):
+    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
         return ImageFolder(data, size)
-    raise ValueError(f"--data {data!r} does not exist: pass 'shapes', a folder of images, or an .npz file")
+    raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
+                     f"or a path ending in .npz")
 
 
 def dataset_info(ds):
-    """What train.py needs to size a model: channels, number of classes, and which modalities exist."""
+    """What a model needs to know: channels, num_classes (0 = unlabeled), has_depth, has_seg, size."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
     item = ds[0]
-    if isinstance(ds, Shapes):
-        num_classes = NUM_CLASSES
-    elif isinstance(ds, ImageFolder):
-        num_classes = len(ds.classes)
-    else:
-        num_classes = int(ds.extra["label"].max()) + 1
-    return {"channels": item["image"].shape[0], "num_classes": num_classes,
-            "has_depth": "depth" in item, "has_seg": "seg" in item}
+    return {"channels": item["image"].shape[0], "num_classes": getattr(ds, "num_classes", 0),
+            "has_depth": "depth" in item, "has_seg": "seg" in item, "size": item["image"].shape[-1]}
 
 
-def preview(size, n, seed, split):
-    """A grid: one item per row, image | depth | seg, as uint8 (H, W, 3)."""
-    ds = Shapes(size, split, seed)
-    seg_colors = np.array([[0, 0, 0], [230, 80, 80], [80, 200, 90], [80, 120, 230], [230, 200, 60]], np.uint8)
-    rows = []
-    for i in range(n):
-        img, disp, seg = ds.raw(i)
-        d = np.repeat(((disp.astype(np.float32) + 1) * 127.5).astype(np.uint8)[..., None], 3, -1)
-        rows.append(np.concatenate([img, d, seg_colors[seg]], 1))
+# -----------------------------------------------------------------------------
+# Preview grid and speed
+
+SEG_COLORS = np.array([[0, 0, 0], [230, 80, 60], [70, 140, 230], [90, 200, 90], [240, 200, 50]], np.uint8)
+
+
+def preview(ds, n=8, cols=4):
+    """uint8 (H,W,3) grid: per item, image | depth | seg side by side (depth and seg when present)."""
+    cells = []
+    for i in range(min(n, len(ds))):
+        item = ds[i]
+        to_u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        parts = [to_u8(item["image"][:3]).transpose(1, 2, 0)]  # (H, W, 3); first 3 channels of latents
+        if parts[0].shape[-1] == 1:
+            parts[0] = np.repeat(parts[0], 3, -1)
+        if "depth" in item:
+            parts.append(np.repeat(to_u8(item["depth"]).transpose(1, 2, 0), 3, -1))
+        if "seg" in item:
+            parts.append(SEG_COLORS[item["seg"].numpy() % len(SEG_COLORS)])
+        cells.append(np.concatenate(parts, 1))
+    while len(cells) % cols:
+        cells.append(np.zeros_like(cells[0]))
+    pad = lambda c: np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255)
+    rows = [np.concatenate([pad(c) for c in cells[r:r + cols]], 1) for r in range(0, len(cells), cols)]
     return np.concatenate(rows, 0)
 
 
+def throughput(size=32, n=1000):
+    """Items per CPU-second of a fresh Shapes dataset (first render), then of the cached second pass."""
+    ds = Shapes(size, length=n)
+    speeds = []
+    for _ in range(2):
+        t0 = time.process_time()  # CPU time of this process: fair on a busy machine
+        for i in range(n):
+            ds[i]
+        speeds.append(n / (time.process_time() - t0))
+    return speeds
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Preview or time the shapes data.")
-    p.add_argument("--out", default="shapes.png")
+    p = argparse.ArgumentParser(description="Preview a dataset as a PNG grid, or time the shapes renderer.")
+    p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or a .npz file")
+    p.add_argument("--out", default="shapes.png", help="where to write the preview grid")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=sorted(SPLIT_IDS))
-    p.add_argument("--bench", action="store_true", help="print render and cached throughput")
-    a = p.parse_args()
-    if a.bench:
-        ds = Shapes(a.size, a.split, a.seed)
-        t0 = time.time()
-        for i in range(500):
-            ds[i]
-        t1 = time.time()
-        for i in range(500):
-            ds[i]
-        print(f"{a.size}px: {500 / (t1 - t0):.0f} items/s rendered, {500 / (time.time() - t1):.0f} items/s cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=16, help="number of items in the grid")
+    p.add_argument("--bench", action="store_true", help="print render speed at --size instead")
+    args = p.parse_args()
+    if args.bench:
+        first, cached = throughput(args.size)
+        print(f"Shapes at {args.size}px, one process: {first:.0f} items/s first pass, {cached:.0f} items/s cached")
     else:
-        Image.fromarray(preview(a.size, a.n, a.seed, a.split)).save(a.out)
-        print(f"wrote {a.out}: image | depth | seg for {a.n} {a.split} items at {a.size}px")
+        ds = build_dataset(args.data, args.size, args.split, args.seed)
+        Image.fromarray(preview(ds, args.n)).save(args.out)
+        print(f"wrote {args.out}: {min(args.n, len(ds))} items of {args.data!r} ({dataset_info(ds)})")

@@ -83,7 +83,7 @@ def test_bad_inputs_give_one_clear_sentence(tmp_path, trained, capsys):
     assert "no checkpoint" in error_of(run, tmp_path / "fresh", "--resume")
     (tmp_path / "empty").mkdir()
     assert "no images" in error_of(run, tmp_path / "o1", "--data", str(tmp_path / "empty"))
-    assert "does not exist" in error_of(run, tmp_path / "o2", "--data", str(tmp_path / "missing"))
+    assert "an existing folder of images" in error_of(run, tmp_path / "o2", "--data", str(tmp_path / "missing"))
     for bad, msg in ((["--image-size", "18"], "divisible by 4"),
                      (["--model", "DiT-T/4", "--image-size", "18"], "patch size"),
                      (["--model", "unet-cpu", "--arch", "dit"], "unet preset")):
