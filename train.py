@@ -54,7 +54,7 @@ METHOD_MODULES = {"mtdiff": "mtdiffusion", "jointnet": "jointnet", "direct_exten
 # Config keys that fix the network's shape: a checkpoint must agree on all of them.
 ARCH_KEYS = ("method", "arch", "model", "image_size", "in_channels", "num_classes", "learn_sigma")
 ON_GPU = torch.cuda.is_available()
-CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=32, steps=3000, lr=3e-4, ema_decay=0.999,
+CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=16, steps=2000, lr=3e-4, ema_decay=0.999,
                     ckpt_every=500, sample_every=1000, log_every=50, workers=0)
 GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_000, lr=1e-4, ema_decay=0.9999,
                     ckpt_every=5000, sample_every=5000, log_every=100, workers=4)
@@ -279,7 +279,10 @@ class Objective(torch.nn.Module):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:  # frozen weights (JointNet's base) stay bit-identical in the EMA
+            e.copy_(p)
 
 
 def train(cfg):

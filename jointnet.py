@@ -1,0 +1,608 @@
+"""
+JointNet: joint RGB + dense-modality diffusion grown out of a pretrained RGB model.
+
+    Zhang et al., "JointNet: Extending Text-to-Image Diffusion for Dense Distribution Modeling",
+    ICLR 2024, https://arxiv.org/abs/2310.06347
+
+What is implemented (the authors released inference code only; this is a training implementation):
+    JointNet       Fig. 2c: the pretrained network (RGB branch, frozen in stage 1) plus a trainable copy for
+                   the dense map d (the paper's y; y is the class label here, as in unet.py). Each branch adds
+                   a zero-initialised 3x3 conv of the OTHER branch's input to its conv_in output; zero-
+                   initialised 1x1 convs carry every down-stage skip and the middle output of each branch into
+                   the other's, before the up stages. At initialisation the RGB output is the pretrained
+                   output bit for bit (the output preserving principle, Sec. 3.1).
+    C_d != C_x     a 1-channel depth enters the copy through the lift R (C_x x C_d; lifted channel k is
+                   d's channel k mod C_d): conv_in weight W R, output weights R^+ W. The copy starts as "the
+                   pretrained net on d repeated to RGB, its output averaged back"; C_d = C_x is an exact
+                   copy. Only the copy's first and last conv change, so the RGB output is not affected.
+    Direct Extend  Fig. 2a: one network with C_x + C_d input and output channels, new input weights zero,
+                   new output weights copied (R^+ W); all weights train.
+    loss           Eq. 1, ||eps_x - eps_theta||^2 + ||eps_d - eps_phi||^2, one t for both modalities. Stage 1
+                   trains the copy and the zero convs; --unfreeze is stage 2 (all weights, lr 1e-5, label
+                   drop 0.5 unless given). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
+                   (fixed t and noise), the Fig. 8 comparison with Direct Extend.
+    samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
+                   the known part with its noised version at every step (Sec. 4.1); SDEdit refinement of a
+                   nearest-upsampled low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2).
+    metrics        RGB -> depth against the exact depth of held-out shapes, with metrics.depth_metrics (least-
+                   squares scale and shift, median over solves; AbsRel in depth, RMSE in disparity).
+
+Run:
+    python train.py --steps 3000 --out runs/rgb                                       # the pretrained RGB model
+    python train.py --method jointnet --init runs/rgb/checkpoint.pt --out runs/jn     # stage 1
+    python train.py --method jointnet --init runs/jn/checkpoint.pt --unfreeze --out runs/jn2   # stage 2
+    python train.py --method direct_extend --init runs/rgb/checkpoint.pt --out runs/de         # Fig. 2a
+    python sample.py --ckpt runs/jn --mode jn-rgb2dense  # or jn-joint, jn-dense2rgb, jn-inpaint, jn-sdedit, jn-tiles
+    python jointnet.py                                   # output preservation and the joint / base sampling time
+
+Differences from the paper:
+    - pixel space, class labels instead of text, the shapes data with exact depth (or its seg map) instead of
+      COYO images with MiDaS depth; no noise offset (0.05 in the paper).
+    - each term of Eq. 1 is a per-element mean, so 1-channel depth weighs as much as 3-channel RGB (the
+      paper's two latents have equal sizes, where this is the same up to a constant).
+    - one label drop is shared by both branches; channel-wise inpainting uses replacement, without the
+      paper's extra fine-tuning on masked inputs.
+    - UNet only: the wiring needs unet.py's encode/decode taps, so --arch dit is rejected.
+"""
+import argparse
+import copy
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import diffusion
+from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
+
+DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
+SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
+
+
+# -----------------------------------------------------------------------------
+# Zero convolutions and the channel lift
+
+def zero_conv(c_in, c_out, k):
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def lift_matrix(c_x, c_d):
+    """R (c_x, c_d): the lifted map R d repeats d's channels cyclically to c_x channels."""
+    return (torch.arange(c_x)[:, None] % c_d == torch.arange(c_d)[None]).float()
+
+
+@torch.no_grad()
+def lift_convs(conv_in, out_conv, w_in, b_in, w_out, b_out):
+    """Set a c_d-channel conv_in / output conv from the pretrained c_x-channel ones: W R and R^+ W."""
+    R = lift_matrix(w_in.shape[1], conv_in.in_channels)                       # (C_x, C_d)
+    R_pinv = torch.linalg.pinv(R)                                             # (C_d, C_x): channel means
+    conv_in.weight.copy_(torch.einsum("oihw,id->odhw", w_in, R))
+    conv_in.bias.copy_(b_in)
+    out_conv.weight.copy_(torch.einsum("di,iohw->dohw", R_pinv, w_out))
+    out_conv.bias.copy_(R_pinv @ b_out)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class JointNet(nn.Module):
+    """RGB branch `base` (a UNet) + its trainable copy `dense` for a c_d-channel map, densely connected.
+
+    forward(z, t, y) takes z = [x_t, d_t] (B, C_x + C_d, H, W) and returns [eps_x, eps_d] with the same
+    shape, so every sampler of diffusion.py runs on it unchanged. Takes over `base`'s label dropout.
+    """
+
+    def __init__(self, base, dense_channels=1, freeze_base=True):
+        super().__init__()
+        from unet import UNet
+        if not isinstance(base, UNet):
+            raise ValueError(f"JointNet wires unet.py's UNet (encode/decode taps), not a {type(base).__name__}")
+        c_x, c_d, ch = base.in_channels, dense_channels, base.ch
+        if not 1 <= c_d <= c_x:
+            raise ValueError(f"the dense map needs 1..{c_x} channels (as many as the RGB branch at most), got {c_d}")
+        self.c_x, self.c_d = c_x, c_d
+        self.class_dropout_prob = base.class_dropout_prob  # one label drop, shared by both branches
+        base.class_dropout_prob = 0.0
+        dense = copy.deepcopy(base).requires_grad_(True)
+        dense.conv_in = nn.Conv2d(c_d, ch, 3, padding=1)
+        dense.out[-1] = nn.Conv2d(base.out[-1].in_channels, c_d, 3, padding=1)
+        dense.in_channels = dense.out_channels = c_d
+        self.base, self.dense = base.requires_grad_(not freeze_base), dense
+        self.in_from_dense, self.in_from_rgb = zero_conv(c_d, ch, 3), zero_conv(c_x, ch, 3)
+        self.skip_from_dense = nn.ModuleList(zero_conv(c, c, 1) for c in base.skip_channels)
+        self.skip_from_rgb = nn.ModuleList(zero_conv(c, c, 1) for c in base.skip_channels)
+        c = base.mid_channels
+        self.mid_from_dense, self.mid_from_rgb = zero_conv(c, c, 1), zero_conv(c, c, 1)
+        self.copy_base_to_dense()
+
+    def zero_convs(self):
+        return [self.in_from_dense, self.in_from_rgb, *self.skip_from_dense, *self.skip_from_rgb,
+                self.mid_from_dense, self.mid_from_rgb]
+
+    @torch.no_grad()
+    def copy_base_to_dense(self):
+        """dense <- base: the same weights, except the lifted first and last conv."""
+        last = f"out.{len(self.base.out) - 1}."
+        state = {k: v for k, v in self.base.state_dict().items() if not k.startswith(("conv_in.", last))}
+        self.dense.load_state_dict(state, strict=False)
+        lift_convs(self.dense.conv_in, self.dense.out[-1], self.base.conv_in.weight, self.base.conv_in.bias,
+                   self.base.out[-1].weight, self.base.out[-1].bias)
+
+    def load_base(self, state):
+        """Load pretrained RGB weights into the RGB branch and start the dense branch as their copy."""
+        self.base.load_state_dict(state)
+        self.copy_base_to_dense()
+
+    def routable_blocks(self):
+        return self.base.routable_blocks() + self.dense.routable_blocks()
+
+    def drop_labels(self, y):
+        if y is None or not self.training or self.class_dropout_prob == 0:
+            return y
+        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(y, self.base.num_classes), y)
+
+    def forward(self, z, t, y=None):
+        f = self.base.downsample_factor
+        if z.ndim != 4 or z.shape[1] != self.c_x + self.c_d or z.shape[-1] % f or z.shape[-2] % f:
+            raise ValueError(f"JointNet takes (B, {self.c_x + self.c_d}, H, W) with H and W divisible by {f} "
+                             f"(RGB and dense channels concatenated), got {tuple(z.shape)}")
+        x, d = z[:, :self.c_x], z[:, self.c_x:]                               # (B, C_x, H, W), (B, C_d, H, W)
+        y = self.drop_labels(y)
+        emb_x, emb_d = self.base.embed(t, y), self.dense.embed(t, y)         # (B, 4ch) each
+        h_x = self.base.conv_in(x) + self.in_from_dense(d)                    # (B, ch, H, W)
+        h_d = self.dense.conv_in(d) + self.in_from_rgb(x)                     # (B, ch, H, W)
+        hs_x, mid_x = self.base.encode(h_x, emb_x, t)
+        hs_d, mid_d = self.dense.encode(h_d, emb_d, t)
+        # Each skip and middle output also goes, through a zero conv, into the other branch's up stages.
+        skips_x = [a + zc(b) for a, b, zc in zip(hs_x, hs_d, self.skip_from_dense)]
+        skips_d = [b + zc(a) for a, b, zc in zip(hs_x, hs_d, self.skip_from_rgb)]
+        eps_x = self.base.out(self.base.decode(skips_x, mid_x + self.mid_from_dense(mid_d), emb_x, t))
+        eps_d = self.dense.out(self.dense.decode(skips_d, mid_d + self.mid_from_rgb(mid_x), emb_d, t))
+        return torch.cat([eps_x, eps_d], 1)                                   # (B, C_x + C_d, H, W)
+
+
+# -----------------------------------------------------------------------------
+# The "Direct Extend" baseline (Fig. 2a)
+
+@torch.no_grad()
+def direct_extend(net, base_state, c_x):
+    """Load a c_x-channel UNet's weights into `net`, a UNet with c_x + c_d input and output channels:
+    the new input weights are zero, the new output weights a copy (R^+ W: the RGB prediction averaged)."""
+    last = f"out.{len(net.out) - 1}."
+    skipped = ("conv_in.", last)
+    try:
+        res = net.load_state_dict({k: v for k, v in base_state.items() if not k.startswith(skipped)}, strict=False)
+        ok = not res.unexpected_keys and all(k.startswith(skipped) for k in res.missing_keys)
+    except RuntimeError:  # shape mismatches
+        ok = False
+    if not ok:
+        raise ValueError("the pretrained weights do not match the extended network's backbone; use the same preset")
+    w_out, b_out = base_state[last + "weight"], base_state[last + "bias"]     # (C_x, ch, 3, 3), (C_x,)
+    R_pinv = torch.linalg.pinv(lift_matrix(c_x, net.in_channels - c_x))       # (C_d, C_x)
+    net.conv_in.weight.zero_()[:, :c_x] = base_state["conv_in.weight"]
+    net.conv_in.bias.copy_(base_state["conv_in.bias"])
+    net.out[-1].weight.copy_(torch.cat([w_out, torch.einsum("di,iohw->dohw", R_pinv, w_out)]))
+    net.out[-1].bias.copy_(torch.cat([b_out, R_pinv @ b_out]))
+    return net
+
+
+# -----------------------------------------------------------------------------
+# Loss (Eq. 1) and the held-out RGB loss of Fig. 8
+
+def dense_map(batch, name):
+    """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
+    if name == "depth":
+        return batch["depth"]
+    import data
+    return batch["seg"][:, None].float() / (data.SEG_CLASSES - 1) * 2 - 1  # seg ids spread over [-1, 1]
+
+
+def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weight=None):
+    """Eq. 1 with one t for both modalities -> (weighted scalar loss, per-sample mse_x (B,), mse_d (B,))."""
+    z0, eps = torch.cat([x0, d0], 1), torch.cat([eps_x, eps_d], 1)           # (B, C_x + C_d, H, W)
+    z_t = q_sample(sched, z0, t, eps)
+    err = (model(z_t, t, y=y).float() - diffusion.training_target(sched, z0, t, eps, target)).pow(2)
+    mse_x, mse_d = err[:, :x0.shape[1]].mean((1, 2, 3)), err[:, x0.shape[1]:].mean((1, 2, 3))  # (B,) each
+    w = torch.ones_like(mse_x) if weight is None else weight.to(mse_x)
+    return (w * (mse_x + mse_d)).mean(), mse_x, mse_d
+
+
+_HELDOUT = {}
+
+
+def held_out_items(cfg, n):
+    """The first n items of the test split, stacked into a batch."""
+    import data
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"])
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def heldout_batch(cfg, device):
+    """cfg["rgb_heldout"] test items with fixed t (spread over [0, T)) and fixed noise, built once."""
+    key = tuple(cfg[k] for k in ("data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
+    if key not in _HELDOUT:
+        b = held_out_items(cfg, cfg["rgb_heldout"])
+        x0, d0, g = b["image"], dense_map(b, cfg["dense_modality"]), torch.Generator().manual_seed(0)
+        _HELDOUT[key] = {k: v.to(device) for k, v in dict(
+            x0=x0, d0=d0, y=b["label"], t=torch.linspace(0, cfg["T"] - 1, len(x0)).round().long(),
+            eps_x=torch.randn(x0.shape, generator=g), eps_d=torch.randn(d0.shape, generator=g)).items()}
+    return _HELDOUT[key]
+
+
+@torch.no_grad()
+def rgb_heldout_loss(model, sched, cfg):
+    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: the forgetting curve of Fig. 8.
+
+    Measured on every log_every-th call and held in between, so the value logged at step s is the one
+    measured before the updates of its window (at step s - log_every); the cost is 1/log_every of an eval.
+    """
+    calls, value = model.__dict__.get("_rgb_heldout", (0, None))
+    if calls % cfg["log_every"] == 0:
+        b, was_training = heldout_batch(cfg, next(model.parameters()).device), model.training
+        y = b["y"] if cfg["num_classes"] else None
+        model.eval()
+        value = joint_loss(model, sched, b["x0"], b["d0"], b["t"], b["eps_x"], b["eps_d"], y, cfg["target"])[1].mean()
+        model.train(was_training)
+    model.__dict__["_rgb_heldout"] = (calls + 1, value)
+    return value
+
+
+# -----------------------------------------------------------------------------
+# Samplers: joint, inpainting (Sec. 4.1), SDEdit, tiles (Sec. 4.2)
+
+def _randn(like, generator):
+    return torch.randn(like.shape, generator=generator, device=like.device)
+
+
+def _ddim_update(model_fn, sched, z, t, t_prev, target):
+    x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
+    return ddim_step(sched, z, t, t_prev, x0, eps, 0.0, torch.zeros_like(z))
+
+
+@torch.no_grad()
+def joint_ddim(model_fn, sched, z, ts, target="eps", known=None, mask=None, eta=0.0, generator=None):
+    """DDIM from z (at timestep ts[0]) down the descending original indices ts; model_fn(z, t) -> output.
+
+    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by a fresh draw of
+    q(z_t | known) before every step and by `known` itself at the end, so the known part returns unchanged.
+    A channel mask gives depth -> RGB or RGB -> depth; a spatial mask inpaints both modalities.
+    """
+    ts = list(ts)
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
+        if known is not None:
+            z = torch.where(mask, q_sample(sched, known, t, _randn(known, generator)), z)  # (B, C, H, W)
+        x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
+        noise = _randn(z, generator) if eta > 0 else torch.zeros_like(z)
+        z = ddim_step(sched, z, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
+    return z if known is None else torch.where(mask, known, z)
+
+
+def sdedit_timesteps(T, steps, strength):
+    """Descending timesteps of an SDEdit run (Meng et al. 2021): from t0 = strength (T - 1) down to 0."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"the SDEdit strength must be in (0, 1], got {strength}")
+    n = max(1, round(strength * steps))
+    return torch.linspace(round(strength * (T - 1)), 0, n).round().long().unique_consecutive().tolist()
+
+
+@torch.no_grad()
+def sdedit(model_fn, sched, z_init, steps=50, strength=0.4, target="eps", known_mask=None, generator=None):
+    """Noise z_init to t0 = strength (T - 1) and denoise it; the part under known_mask is kept (inpainting)."""
+    ts = sdedit_timesteps(sched.T, steps, strength)
+    t0 = torch.full((z_init.shape[0],), ts[0], device=z_init.device, dtype=torch.long)
+    z = q_sample(sched, z_init, t0, _randn(z_init, generator))                # (B, C, H, W)
+    return joint_ddim(model_fn, sched, z, ts, target, None if known_mask is None else z_init, known_mask,
+                      generator=generator)
+
+
+def tile_starts(L, s, stride, offset=0):
+    """Tile starts along an axis of length L: the grid offset + k stride clamped into [0, L - s], plus both
+    ends. Neighbours are at most stride <= s apart, so every pixel is covered."""
+    if L <= s:
+        return [0]
+    return sorted({0, L - s, *(min(p, L - s) for p in range(offset, L - s + stride, stride))})
+
+
+def tile_layout(H, W, s, stride, offset=(0, 0)):
+    """(top, left) of every s x s tile of an H x W canvas."""
+    return [(a, b) for a in tile_starts(H, s, stride, offset[0]) for b in tile_starts(W, s, stride, offset[1])]
+
+
+def tile_ramp(s):
+    """Aggregation weight of a tile's pixels (s, s): linear in each axis, 1/s at the edge pixels, 0 at the
+    tile's outer border (Sec. 4.2's boundary decay; never 0 on a pixel, so edge pixels stay covered)."""
+    r = 1 - (2 * torch.arange(s) + 1 - s).abs() / s                          # (s,)
+    return r[:, None] * r[None, :]
+
+
+@torch.no_grad()
+def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", whole_weight=5.0, whole_frac=0.4,
+               generator=None, device="cpu", x_T=None):
+    """Sec. 4.2: DDIM on a canvas larger than the training size (MultiDiffusion-style averaging).
+
+    Each step every tile takes its own DDIM step and the canvas becomes the tile_ramp-weighted mean of
+    the results; all tiles move by one random offset per step. In the first whole_frac of the steps the
+    whole canvas (the convolutional net run on all of it) joins as one more tile of constant weight.
+    """
+    B, C, H, W = shape
+    if not (1 <= stride <= tile <= min(H, W)):
+        raise ValueError(f"tiles need 1 <= stride ({stride}) <= tile ({tile}) <= canvas side ({min(H, W)})")
+    z = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+    ramp = tile_ramp(tile).to(device)
+    ts = timestep_subset(sched.T, steps).tolist()
+    for k, (i, i_prev) in enumerate(zip(ts, ts[1:] + [-1])):
+        t = torch.full((B,), i, device=device, dtype=torch.long)
+        t_prev = torch.full_like(t, i_prev)
+        offset = torch.randint(stride, (2,), generator=generator, device=device).tolist()
+        num, den = torch.zeros_like(z), z.new_zeros(1, 1, H, W)
+        for a, b in tile_layout(H, W, tile, stride, offset):
+            crop = z[..., a:a + tile, b:b + tile]                             # (B, C, tile, tile)
+            num[..., a:a + tile, b:b + tile] += ramp * _ddim_update(model_fn, sched, crop, t, t_prev, target)
+            den[..., a:a + tile, b:b + tile] += ramp
+        if k < whole_frac * len(ts):
+            num += whole_weight * _ddim_update(model_fn, sched, z, t, t_prev, target)
+            den += whole_weight
+        z = num / den                                                          # (B, C, H, W)
+    return z
+
+
+@torch.no_grad()
+def sample_joint(model, sched, cfg, n, steps=50, batch=64, eta=0.0, cfg_scale=1.0, labels=None, generator=None,
+                 device="cpu"):
+    """n joint samples -> (rgb (n, C_x, S, S), dense (n, C_d, S, S)) in [-1, 1]; labels cycle through the
+    classes unless given. bench.py compares the RGB half with the base model's samples (Frechet distance)."""
+    c_x, nc, S = cfg["in_channels"], cfg["num_classes"], cfg["image_size"]
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        y = (labels[i:i + b] if labels is not None else torch.arange(i, i + b) % nc) if nc else None
+        fn = diffusion.cfg_model(model, None if y is None else y.to(device), cfg_scale, nc)
+        shape = (b, c_x + cfg["dense_channels"], S, S)
+        out.append(diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=generator,
+                                         device=device).cpu())
+    z = torch.cat(out)                                                         # (n, C_x + C_d, S, S)
+    return z[:, :c_x], z[:, c_x:]
+
+
+# -----------------------------------------------------------------------------
+# Hooks for train.py and sample.py
+
+def _count(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative")
+    return v
+
+
+def add_args(parser):
+    g = parser.add_argument_group("jointnet and direct_extend")
+    g.add_argument("--init", help="the pretrained RGB run's checkpoint.pt (or a JointNet stage-1 run with --unfreeze)")
+    g.add_argument("--unfreeze", action="store_true",
+                   help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
+    g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
+    g.add_argument("--rgb-heldout", type=_count, default=16, help="held-out images for the logged RGB loss (0: off)")
+
+
+INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta")  # from --init
+DATA_KEYS = ("image_size", "in_channels", "num_classes")  # must agree between --init and this run's data
+
+
+def prepare_config(cfg):
+    """Take the backbone, schedule and target from the --init run; check it against this run's data."""
+    from train import RunError, load_checkpoint
+    m = cfg["method"]
+    if not cfg.get("init"):
+        raise RunError(f"--method {m} extends a trained RGB model: pass --init RGB_RUN/checkpoint.pt")
+    base = load_checkpoint(cfg["init"])["config"]
+    if base["arch"] != "unet" or cfg["arch"] != "unet":  # cfg["arch"] is dit only when asked for
+        raise RunError(f"--method {m} is implemented on the UNet only (it needs unet.py's encode/decode taps); "
+                       "drop --arch dit and --init a UNet run")
+    stage2 = base["method"] == "jointnet"
+    if base["method"] in ("mtdiff", "direct_extend") or (stage2 and not (m == "jointnet" and cfg["unfreeze"])):
+        raise RunError(f"--init {cfg['init']} is a {base['method']} run; --method {m} needs a plain RGB run "
+                       "(or a jointnet run together with --method jointnet --unfreeze)")
+    if m == "direct_extend" and cfg["unfreeze"]:
+        raise RunError("--unfreeze is JointNet's stage 2; direct_extend trains all weights already, drop it")
+    for k in INHERITED:
+        if k in cfg["explicit"] and cfg[k] != base[k]:
+            raise RunError(f"--init was trained with {k}={base[k]!r} but this run asks for {cfg[k]!r}; "
+                           f"drop the flag or use a matching --init")
+        cfg[k] = base[k]
+    for k in DATA_KEYS:
+        if cfg[k] != base[k]:
+            raise RunError(f"--init was trained with {k}={base[k]} but this run's data gives {k}={cfg[k]}; "
+                           f"pass the matching --image-size / --class-cond / --data, or another --init")
+    if stage2 and cfg["dense_modality"] != base["dense_modality"]:
+        raise RunError(f"--init models {base['dense_modality']}; pass --dense-modality {base['dense_modality']}")
+    if cfg["routing"] == "random":
+        raise RunError("--init uses random routing, whose masks the dense copy would not share; use dtr or none")
+    cfg["dense_channels"] = DENSE_CHANNELS[cfg["dense_modality"]]
+    if cfg["unfreeze"]:  # stage 2 (Sec. 3.4): lr 1e-5, condition drop raised to 50%
+        cfg["lr"] = cfg["lr"] if "lr" in cfg["explicit"] else 1e-5
+        cfg["cfg_drop"] = cfg["cfg_drop"] if "cfg_drop" in cfg["explicit"] else 0.5
+
+
+def build_model(cfg):
+    import train
+    c_x, c_d = cfg["in_channels"], cfg["dense_channels"]
+    if cfg["method"] == "direct_extend":
+        return train.build_backbone(cfg, in_channels=c_x + c_d, out_channels=c_x + c_d)
+    return JointNet(train.build_backbone(cfg), c_d, freeze_base=not cfg["unfreeze"])
+
+
+def init_model(model, cfg):
+    """Copy the --init weights (its EMA) in: RGB branch + dense copy, the extended net, or a whole JointNet."""
+    import train
+    ckpt = train.load_checkpoint(cfg["init"])
+    state = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
+    if ckpt["config"]["method"] == "jointnet":
+        model.load_state_dict(state)
+    elif isinstance(model, JointNet):
+        model.load_base(state)
+    else:
+        direct_extend(model, state, cfg["in_channels"])
+
+
+def training_loss(model, batch, sched, cfg):
+    from train import RunError
+    key = "depth" if cfg["dense_modality"] == "depth" else "seg"
+    if key not in batch:
+        raise RunError(f"--data {cfg['data']} has no {key} maps; use the shapes data or an .npz with '{key}'")
+    x0, d0, t = batch["image"], dense_map(batch, cfg["dense_modality"]), batch["t"]
+    eps_d = torch.randn_like(d0)  # the loop's noise covers the image; torch's RNG is reseeded every step
+    w = None
+    if cfg["weighting"] != "none":
+        import minsnr
+        w = minsnr.loss_weight(diffusion.snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
+                               p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"])
+    y = batch["label"] if cfg["num_classes"] else None
+    loss, mse_x, mse_d = joint_loss(model, sched, x0, d0, t, batch["noise"], eps_d, y, cfg["target"], w)
+    stats = {"mse": (mse_x + mse_d).detach(), "mse_rgb": mse_x.detach().mean(), "mse_dense": mse_d.detach().mean()}
+    if cfg["rgb_heldout"]:
+        stats["rgb_heldout"] = rgb_heldout_loss(model, sched, cfg)
+    return loss, stats
+
+
+def sample_rows(model, sched, cfg, n, generator, device):
+    return list(sample_joint(model, sched, cfg, n, cfg["sample_steps"], generator=generator, device=device))
+
+
+def add_sample_args(parser):
+    g = parser.add_argument_group("jointnet modes")
+    g.add_argument("--jn-strength", type=float, default=0.4, help="jn-sdedit: noise level t0 / T")
+    g.add_argument("--jn-lowres", type=int, default=4, help="jn-sdedit: downsampling of the depth to refine")
+    g.add_argument("--jn-width", type=int, help="jn-tiles: canvas width (default 3x the training size)")
+    g.add_argument("--jn-stride", type=int, help="jn-tiles: tile stride (default half the training size)")
+
+
+def sample_tiles(model, sched, cfg, args, out, g, device):
+    """jn-tiles: one canvas of --jn-width (default 3x the training size) -> OUT_rgb.png and OUT_dense.png."""
+    from sample import labels_for, save_grid
+    S, c_x = cfg["image_size"], cfg["in_channels"]
+    width, stride, y = args.jn_width or 3 * S, args.jn_stride or S // 2, labels_for(args, cfg, 1)
+    fn = diffusion.cfg_model(model, None if y is None else y.to(device), args.cfg_scale, cfg["num_classes"])
+    z = tiled_ddim(fn, sched, (1, c_x + cfg["dense_channels"], S, width), S, stride, args.steps or 50,
+                   cfg["target"], generator=g, device=device).cpu()                 # (1, C_x + C_d, S, width)
+    save_grid([z[:, :c_x]], out + "_rgb.png", ncol=1)
+    save_grid([z[:, c_x:]], out + "_dense.png", ncol=1)
+    print(f"wrote a {S}x{width} RGB canvas to {out}_rgb.png and its {cfg['dense_modality']} to {out}_dense.png")
+
+
+def sample_conditional(mode, model, sched, cfg, args, g, device):
+    """The inpainting modes and SDEdit on held-out items -> (samples (n, C_x + C_d, S, S), grid rows)."""
+    import metrics
+    b, c_x, S, steps = held_out_items(cfg, args.n), cfg["in_channels"], cfg["image_size"], args.steps or 50
+    x0, d0 = b["image"].to(device), dense_map(b, cfg["dense_modality"]).to(device)
+    z0 = torch.cat([x0, d0], 1)                                               # (n, C_x + C_d, S, S)
+    fn = diffusion.cfg_model(model, b["label"].to(device) if cfg["num_classes"] else None, args.cfg_scale,
+                             cfg["num_classes"])
+    known = torch.zeros_like(z0, dtype=torch.bool)
+    known[:, :c_x] = mode in ("jn-rgb2dense", "jn-sdedit")                   # RGB given
+    known[:, c_x:] = mode == "jn-dense2rgb"                                   # dense map given
+    if mode == "jn-inpaint":                                                  # both known outside a centre square
+        known[...] = True
+        known[..., S // 4:3 * S // 4, S // 4:3 * S // 4] = False
+    estimates = {}
+    if mode == "jn-sdedit":  # refine a nearest-upsampled low-resolution map
+        f = args.jn_lowres
+        if f < 1 or S % f:
+            raise ValueError(f"--jn-lowres {f} must be a positive divisor of the image size {S}")
+        estimates["low-res input"] = F.interpolate(F.avg_pool2d(d0, f), scale_factor=f, mode="nearest")
+        z = sdedit(fn, sched, torch.cat([x0, estimates["low-res input"]], 1), steps, args.jn_strength,
+                   cfg["target"], known, g)
+        rows = [x0, estimates["low-res input"], z[:, c_x:], d0]
+    else:
+        z = joint_ddim(fn, sched, torch.randn(z0.shape, generator=g, device=device),
+                       timestep_subset(sched.T, steps).tolist(), cfg["target"], z0, known, args.eta, g)
+        hole = torch.where(known, z0, torch.zeros_like(z0))
+        rows = {"jn-rgb2dense": [x0, z[:, c_x:], d0], "jn-dense2rgb": [d0, z[:, :c_x], x0]}.get(
+            mode, [hole[:, :c_x], z[:, :c_x], hole[:, c_x:], z[:, c_x:]])   # given, generated, ground truth
+    if cfg["dense_modality"] == "depth" and mode in ("jn-rgb2dense", "jn-sdedit"):
+        for name, d_hat in {**estimates, "JointNet": z[:, c_x:]}.items():
+            m = metrics.depth_metrics(d_hat.cpu(), d0.cpu())
+            print(f"{mode} {name}: AbsRel {m['abs_rel']:.4f}, RMSE (disparity) {m['rmse']:.4f} "
+                  f"on {len(d0)} held-out images")
+    return z, rows
+
+
+def run_sample_mode(mode, model, sched, cfg, args, out, device):
+    """Write OUT.png and OUT.npz for one of SAMPLE_MODES (jn-tiles: two PNGs); print depth metrics."""
+    import numpy as np
+    from sample import save_grid, to_uint8
+    if cfg["method"] not in ("jointnet", "direct_extend"):
+        raise ValueError(f"--mode {mode} needs a jointnet or direct_extend run, not a {cfg['method']} run")
+    g = torch.Generator(device).manual_seed(args.seed)
+    if mode == "jn-tiles":
+        return sample_tiles(model, sched, cfg, args, out, g, device)
+    if mode == "jn-joint":
+        rgb, d = sample_joint(model, sched, cfg, args.n, args.steps or 50, args.batch, args.eta, args.cfg_scale,
+                              None, g, device)
+        rows = [rgb, d]
+    else:
+        z, rows = sample_conditional(mode, model, sched, cfg, args, g, device)
+        rgb, d = z[:, :cfg["in_channels"]], z[:, cfg["in_channels"]:]
+    save_grid(rows, out + ".png")
+    np.savez(out + ".npz", images=to_uint8(rgb), dense=to_uint8(d))
+    print(f"wrote {len(rgb)} {mode} samples to {out}.npz and a grid to {out}.png")
+
+
+# -----------------------------------------------------------------------------
+# Demo: output preservation and the sampling-time ratio
+
+def main(argv=None):
+    from unet import build_unet
+    p = argparse.ArgumentParser(description="JointNet output preservation and joint / base sampling time.")
+    p.add_argument("--ckpt", help="a trained jointnet run (default: a randomly perturbed unet-cpu)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.ckpt:
+        import train
+        model, cfg, sched = train.load_run(args.ckpt)
+        if not isinstance(model, JointNet):
+            sys.exit(f"error: {args.ckpt} is a {cfg['method']} run; pass a jointnet run")
+    else:
+        cfg = dict(image_size=32, num_classes=4, in_channels=3, dense_channels=1, target="eps")
+        base = build_unet("unet-cpu", 3, num_classes=4)
+        with torch.no_grad():  # a stand-in for pretrained weights: every zero-initialised layer moved off zero
+            for p_ in base.parameters():
+                p_.add_(0.05 * torch.randn_like(p_))
+        model, sched = JointNet(base, 1).eval(), diffusion.Schedule.make("linear")
+    base, S, B = model.base, cfg["image_size"], args.batch
+    z, t = torch.randn(B, model.c_x + model.c_d, S, S), torch.randint(0, sched.T, (B,))
+    y = torch.arange(B) % cfg["num_classes"] if cfg["num_classes"] else None
+    if not args.ckpt:
+        with torch.no_grad():
+            same = torch.equal(model(z, t, y)[:, :model.c_x], base(z[:, :model.c_x], t, y))
+        print(f"at initialisation the RGB output equals the base model's bit for bit: {same}")
+
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = []
+    for net, inp in ((base, z[:, :model.c_x]), (model, z)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(inp, t, y)
+        flops.append(counter.get_total_flops())
+    print(f"FLOPs of one forward: joint / base = {flops[1] / flops[0]:.3f}")
+
+    def sample_time(net, c):
+        t0 = time.perf_counter()
+        diffusion.ddim_sample(lambda x, t: net(x, t, y), sched, (B, c, S, S), args.steps)
+        return time.perf_counter() - t0
+    # Interleaved repeats, best of each: a busy machine slows both alike.
+    times = [(sample_time(base, model.c_x), sample_time(model, model.c_x + model.c_d)) for _ in range(args.repeats)]
+    t_base, t_joint = min(t[0] for t in times), min(t[1] for t in times)
+    print(f"DDIM-{args.steps}, batch {B}, {S}px, {torch.get_num_threads()} threads: base {t_base:.3f} s, "
+          f"joint {t_joint:.3f} s, ratio {t_joint / t_base:.2f}x (two branches: about 2x)")
+
+
+if __name__ == "__main__":
+    main()

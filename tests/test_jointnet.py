@@ -1,0 +1,376 @@
+"""jointnet.py: output preservation, the dense copy, zero convs, Direct Extend, inpainting, tiles, depth
+alignment, and short stage-1 / Direct Extend runs through train.py."""
+import json
+import os
+
+import pytest
+import torch
+
+import diffusion
+import jointnet
+from jointnet import JointNet
+from unet import UNet
+
+
+def pretrained_unet(c=3, num_classes=4, seed=0):
+    """A tiny UNet with every weight moved off its (partly zero) initialisation, standing in for a trained one."""
+    torch.manual_seed(seed)
+    net = UNet(c, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_ds=(2,), num_classes=num_classes,
+               class_dropout_prob=0.1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+SCHED = diffusion.Schedule.make("linear", 1000)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+@pytest.mark.parametrize("c_d", [1, 2, 3])
+def test_rgb_output_equals_the_base_at_init(c_d):
+    base = pretrained_unet()
+    jn = JointNet(base, c_d).eval()
+    for t_value in (0, 1, 499, 999):
+        z = torch.randn(3, 3 + c_d, 16, 16)
+        t, y = torch.full((3,), t_value), torch.tensor([0, 3, 4])  # 4 = the null class
+        out = jn(z, t, y)
+        assert out.shape == z.shape
+        assert torch.equal(out[:, :3], base(z[:, :3], t, y))              # bit for bit
+
+
+def test_dense_branch_is_an_exact_copy_when_channels_match():
+    base = pretrained_unet()
+    jn = JointNet(base, 3)
+    sb, sd = base.state_dict(), jn.dense.state_dict()
+    assert sb.keys() == sd.keys()
+    assert all(torch.equal(sb[k], sd[k]) for k in sb)
+
+
+@pytest.mark.parametrize("c_d", [1, 2])
+def test_dense_branch_is_the_base_on_the_lifted_map(c_d):
+    """C_d != C_x: the copy starts as the base applied to d repeated to 3 channels, its output averaged back."""
+    base = pretrained_unet().eval()
+    jn = JointNet(base, c_d).eval()
+    sb, sd = base.state_dict(), jn.dense.state_dict()
+    same = [k for k in sb if not k.startswith(("conv_in.", "out.2."))]
+    assert all(torch.equal(sb[k], sd[k]) for k in same)
+    d, t, y = torch.randn(4, c_d, 16, 16), torch.randint(0, 1000, (4,)), torch.tensor([0, 1, 2, 3])
+    lifted = torch.cat([d] * 3, 1)[:, :3] if c_d == 1 else d[:, [0, 1, 0]]  # channel k = d's channel k mod c_d
+    eps = base(lifted, t, y)                                                # (4, 3, 16, 16)
+    expected = eps.mean(1, keepdim=True) if c_d == 1 else torch.stack([(eps[:, 0] + eps[:, 2]) / 2, eps[:, 1]], 1)
+    z = torch.cat([torch.randn(4, 3, 16, 16), d], 1)
+    torch.testing.assert_close(jn(z, t, y)[:, 3:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_convs_start_at_zero_and_receive_gradient():
+    jn = JointNet(pretrained_unet(), 1)
+    convs = jn.zero_convs()
+    assert len(convs) == 2 + 2 * len(jn.base.skip_channels) + 2
+    assert all(p.abs().sum() == 0 for c in convs for p in c.parameters())
+    x0, d0 = torch.randn(4, 3, 16, 16), torch.randn(4, 1, 16, 16)
+    loss, _, _ = jointnet.joint_loss(jn, SCHED, x0, d0, torch.randint(0, 1000, (4,)), torch.randn_like(x0),
+                                     torch.randn_like(d0), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for c in convs:
+        assert c.weight.grad is not None and c.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in jn.base.parameters())   # frozen (stage 1)
+    assert all(p.grad is not None for p in jn.dense.parameters() if p.requires_grad)
+
+
+def test_label_drop_is_shared_by_both_branches(monkeypatch):
+    jn = JointNet(pretrained_unet(), 1).train()
+    jn.class_dropout_prob = 0.5
+    seen, embed = [], UNet.embed
+    monkeypatch.setattr(UNet, "embed", lambda self, t, y=None: seen.append(y.clone()) or embed(self, t, y))
+    torch.manual_seed(1)
+    jn(torch.randn(64, 4, 16, 16), torch.randint(0, 1000, (64,)), torch.zeros(64, dtype=torch.long))
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])                # base and dense see the same labels
+    assert 10 < (seen[0] == 4).sum() < 54                                  # about half dropped to the null class
+
+
+def test_bad_input_is_a_clear_error():
+    jn = JointNet(pretrained_unet(), 1)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        jn(torch.randn(1, 4, 15, 16), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
+        jn(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="1..3 channels"):
+        JointNet(pretrained_unet(), 4)
+    from dit import build_dit
+    with pytest.raises(ValueError, match="not a DiT"):
+        JointNet(build_dit("DiT-T/4", 16, 3, num_classes=0, class_dropout_prob=0.0), 1)
+
+
+def test_direct_extend_initialisation():
+    base = pretrained_unet().eval()
+    net = UNet(4, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_ds=(2,), num_classes=4).eval()
+    jointnet.direct_extend(net, base.state_dict(), 3)
+    assert net.conv_in.weight[:, 3:].abs().sum() == 0                      # new input weights are zero
+    assert torch.equal(net.out[2].weight[:3], base.out[2].weight)         # RGB output weights copied
+    torch.testing.assert_close(net.out[2].weight[3], base.out[2].weight.mean(0))
+    z, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    out, eps = net(z, t, y), base(z[:, :3], t, y)
+    torch.testing.assert_close(out[:, :3], eps, atol=1e-6, rtol=1e-6)     # RGB preserved at the start...
+    torch.testing.assert_close(out[:, 3:], eps.mean(1, keepdim=True), atol=1e-6, rtol=1e-6)  # depth = RGB noise
+    with pytest.raises(ValueError, match="same preset"):
+        jointnet.direct_extend(UNet(4, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_ds=(2,), num_classes=4),
+                               base.state_dict(), 3)
+
+
+# -----------------------------------------------------------------------------
+# Samplers
+
+def toy_model(z, t):
+    """A fixed smooth function of (z, t) that mixes channels and neighbouring pixels."""
+    mixed = z.mean(1, keepdim=True) + 0.5 * torch.roll(z, 1, -1)
+    return 0.3 * torch.tanh(mixed) + 1e-4 * t.float().view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("known_channels", [slice(0, 3), slice(3, 4)])
+def test_channel_wise_inpainting_returns_the_given_modality(known_channels):
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.rand(2, 4, 8, 8, generator=g) * 2 - 1
+    mask = torch.zeros_like(z0, dtype=torch.bool)
+    mask[:, known_channels] = True
+    out = jointnet.joint_ddim(toy_model, SCHED, torch.randn(z0.shape, generator=g), diffusion.timestep_subset(1000, 10),
+                              known=z0, mask=mask, generator=g)
+    assert torch.equal(out[:, known_channels], z0[:, known_channels])
+    assert not torch.equal(out, z0) and out.abs().max() <= 1 + 1e-5
+
+
+def test_spatial_inpainting_keeps_outside_and_fills_the_hole():
+    seen = []
+
+    def recording(z, t):
+        seen.append(z.clone())
+        return toy_model(z, t)
+    z0, mask = torch.rand(1, 4, 8, 8) * 2 - 1, torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 2:6, 2:6] = False
+    g = torch.Generator().manual_seed(3)
+    out = jointnet.joint_ddim(recording, SCHED, torch.randn(1, 4, 8, 8), [999, 500, 0], known=z0, mask=mask,
+                              generator=g)
+    assert torch.equal(torch.where(mask, out, z0), z0) and not torch.equal(out, z0)
+    # The model saw the known part noised to each step's level: x_t = sqrt(ab) z0 + sqrt(1 - ab) eps.
+    g = torch.Generator().manual_seed(3)
+    for z_in, i in zip(seen, [999, 500, 0]):
+        t = torch.tensor([i])
+        expected = diffusion.q_sample(SCHED, z0, t, torch.randn(z0.shape, generator=g))
+        assert torch.equal(z_in[mask.expand_as(z0)], expected[mask.expand_as(z0)])
+
+
+def test_joint_ddim_without_mask_is_plain_ddim():
+    x_T = torch.randn(2, 4, 8, 8)
+    ours = jointnet.joint_ddim(toy_model, SCHED, x_T, diffusion.timestep_subset(1000, 7))
+    ref = diffusion.ddim_sample(toy_model, SCHED, x_T.shape, 7, x_T=x_T)
+    assert torch.equal(ours, ref)
+
+
+def test_sdedit_starts_at_the_strength_and_keeps_known_channels():
+    ts = jointnet.sdedit_timesteps(1000, 50, 0.4)
+    assert ts[0] == round(0.4 * 999) and ts[-1] == 0 and len(ts) == 20 and ts == sorted(ts, reverse=True)
+    z0 = torch.rand(2, 4, 8, 8) * 2 - 1
+    known = torch.zeros_like(z0, dtype=torch.bool)
+    known[:, :3] = True
+    out = jointnet.sdedit(toy_model, SCHED, z0, 50, 0.4, known_mask=known, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :3], z0[:, :3]) and not torch.equal(out[:, 3:], z0[:, 3:])
+    with pytest.raises(ValueError, match="strength"):
+        jointnet.sdedit_timesteps(1000, 50, 0.0)
+
+
+@pytest.mark.parametrize("H,W,s,stride", [(16, 48, 16, 8), (16, 40, 16, 5), (24, 37, 8, 8), (16, 16, 16, 3)])
+def test_tiles_cover_every_pixel(H, W, s, stride):
+    for offset in [(0, 0), (stride - 1, stride // 2), (1, stride - 1)]:
+        tiles = jointnet.tile_layout(H, W, s, stride, offset)
+        count = torch.zeros(H, W)
+        for a, b in tiles:
+            assert 0 <= a <= H - s and 0 <= b <= W - s                     # every tile inside the canvas
+            count[a:a + s, b:b + s] += 1
+        assert (count >= 1).all()                                          # every pixel covered
+        for axis in (0, 1):
+            starts = sorted({tile[axis] for tile in tiles})
+            assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("s", [4, 8, 16])
+def test_tile_weights_fall_linearly_and_sum_to_one_at_half_overlap(s):
+    ramp = jointnet.tile_ramp(s)
+    r = torch.tensor([min(i + 0.5, s - i - 0.5) / (s / 2) for i in range(s)])  # 1/s at edge pixels, 0 at the border
+    torch.testing.assert_close(ramp, r[:, None] * r[None, :])
+    assert (ramp > 0).all()
+    # Tiles at stride s/2 (no offset): two linear ramps overlap everywhere inside and add up to exactly 1.
+    W = 4 * s
+    total = torch.zeros(s, W)
+    for a, b in jointnet.tile_layout(s, W, s, s // 2):
+        total[a:a + s, b:b + s] += ramp
+    torch.testing.assert_close(total[:, s // 2:W - s // 2], r[:, None].expand(s, W - s))
+
+
+def test_tiled_sampling_of_a_pointwise_model_equals_whole_canvas_ddim():
+    """Each tile predicts exactly what the whole canvas predicts at a pixel, so averaging changes nothing."""
+    pointwise = lambda z, t: 0.2 * torch.tanh(z) + 1e-4 * t.float().view(-1, 1, 1, 1)
+    x_T = torch.randn(2, 4, 8, 28)
+    tiled = jointnet.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 4, steps=10, x_T=x_T,
+                                generator=torch.Generator().manual_seed(0))
+    whole = diffusion.ddim_sample(pointwise, SCHED, x_T.shape, 10, x_T=x_T)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        jointnet.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 9, steps=2)
+
+
+def test_tiled_sampling_blends_the_whole_canvas_tile_early():
+    """With a model that reports its input width, the first 40% of steps see the whole canvas, later ones don't."""
+    widths = []
+
+    def probe(z, t):
+        widths.append(z.shape[-1])
+        return torch.zeros_like(z)
+    jointnet.tiled_ddim(probe, SCHED, (1, 4, 8, 24), 8, 4, steps=10, generator=torch.Generator().manual_seed(0))
+    assert widths.count(24) == 4                                           # 40% of 10 steps
+    assert widths[-1] == 8 and 24 not in widths[len(widths) // 2:]
+
+
+# -----------------------------------------------------------------------------
+# Loss and depth alignment
+
+def test_joint_loss_is_eq1_with_one_t_for_both_modalities():
+    jn = JointNet(pretrained_unet(), 1).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, d0 = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    t, eps_x, eps_d = torch.tensor([5, 400, 990]), torch.randn(3, 3, 16, 16), torch.randn(3, 1, 16, 16)
+    loss, mse_x, mse_d = jointnet.joint_loss(jn, SCHED, x0, d0, t, eps_x, eps_d, torch.tensor([0, 1, 2]))
+    ab = SCHED.alpha_bar[t].float().view(-1, 1, 1, 1)
+    x_t, d_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps_x, ab.sqrt() * d0 + (1 - ab).sqrt() * eps_d
+    out = jn(torch.cat([x_t, d_t], 1), t, torch.tensor([0, 1, 2]))
+    ref_x = ((eps_x - out[:, :3]) ** 2).mean((1, 2, 3))
+    ref_d = ((eps_d - out[:, 3:]) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(mse_x, ref_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mse_d, ref_d, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, (ref_x + ref_d).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_scale_shift_alignment_recovers_a_known_scale_and_shift():
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(3, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    s, b = torch.tensor([0.5, 2.0, -1.5], dtype=torch.float64), torch.tensor([0.3, -0.2, 0.0], dtype=torch.float64)
+    pred = (gt - b.view(-1, 1, 1, 1)) / s.view(-1, 1, 1, 1)               # gt = s pred + b exactly
+    s_hat, b_hat = metrics.align_scale_shift(pred, gt, generator=g)
+    torch.testing.assert_close(s_hat, s, atol=1e-12, rtol=0)
+    torch.testing.assert_close(b_hat, b, atol=1e-12, rtol=0)
+    m = metrics.depth_metrics(pred, gt)
+    assert m["abs_rel"] < 1e-9 and m["rmse"] < 1e-9
+
+
+# -----------------------------------------------------------------------------
+# Through train.py and sample.py
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--log-every", "4", "--ckpt-every", "1000",
+        "--sample-every", "1000", "--sample-steps", "2", "--warmup", "1"]
+
+
+def train_run(out, *extra):
+    import train
+    return train.main([*TINY, "--out", str(out), *extra])
+
+
+def error_of(*extra):
+    with pytest.raises(SystemExit) as e:
+        train_run(*extra)
+    return str(e.value.code)
+
+
+def read_log(run):
+    return [json.loads(line) for line in open(run / "log.jsonl")]
+
+
+def ckpt_cfg(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+
+
+def base_heldout_loss(state, cfg):
+    """The RGB loss of the plain pretrained UNet on the fixed held-out batch, computed by hand."""
+    import train
+    base = train.build_backbone(cfg).eval()
+    base.load_state_dict(state)
+    b = jointnet.heldout_batch(cfg, "cpu")
+    ab = SCHED.alpha_bar[b["t"]].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * b["x0"] + (1 - ab).sqrt() * b["eps_x"]
+    with torch.no_grad():
+        return ((base(x_t, b["t"], b["y"]) - b["eps_x"]) ** 2).mean().item()
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rgb")
+    assert train_run(out, "--steps", "3", "--lr", "1e-3") == 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def jn_run(rgb_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jn")
+    assert train_run(out, "--method", "jointnet", "--init", str(rgb_run / "checkpoint.pt"), "--steps", "12",
+                     "--lr", "3e-3", "--rgb-heldout", "8") == 12
+    return out
+
+
+def test_stage1_trains_the_dense_branch_and_keeps_the_rgb_branch_bit_identical(rgb_run, jn_run):
+    log = read_log(jn_run)
+    assert [r["step"] for r in log] == [4, 8, 12]
+    assert all({"mse_rgb", "mse_dense", "rgb_heldout"} <= set(r) for r in log)
+    dense = [r["mse_dense"] for r in log]
+    assert dense[-1] < 0.6 * dense[0]                                      # the dense loss falls
+    init = torch.load(rgb_run / "checkpoint.pt", weights_only=True)["ema"]
+    # The first held-out RGB loss is measured before any update: exactly the pretrained model's loss.
+    assert log[0]["rgb_heldout"] == pytest.approx(base_heldout_loss(init, ckpt_cfg(jn_run)), rel=1e-5)
+    ckpt = torch.load(jn_run / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"]["base." + k], v) for k, v in init.items())  # frozen: bit-identical
+    zero_convs = [k for k in ckpt["model"] if k.startswith(("skip_from", "mid_from", "in_from"))]
+    assert all(ckpt["model"][k].abs().sum() > 0 for k in zero_convs if k.endswith("weight"))  # moved off zero
+    cfg = ckpt["config"]
+    assert cfg["model"] == "unet-cpu" and cfg["dense_channels"] == 1 and cfg["image_size"] == 16
+
+
+def test_direct_extend_and_stage2_runs(rgb_run, jn_run, tmp_path):
+    de = tmp_path / "de"
+    assert train_run(de, "--method", "direct_extend", "--init", str(rgb_run / "checkpoint.pt"), "--steps", "3") == 3
+    init = torch.load(rgb_run / "checkpoint.pt", weights_only=True)["ema"]
+    assert read_log(de)[0]["rgb_heldout"] == pytest.approx(base_heldout_loss(init, ckpt_cfg(de)), rel=1e-4)
+    s2 = tmp_path / "s2"
+    assert train_run(s2, "--method", "jointnet", "--unfreeze", "--init", str(jn_run / "checkpoint.pt"),
+                     "--steps", "2", "--lr", "1e-3") == 2
+    ckpt = torch.load(s2 / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["cfg_drop"] == 0.5 and ckpt["config"]["lr"] == 1e-3
+    start = torch.load(jn_run / "checkpoint.pt", weights_only=True)["ema"]
+    assert not all(torch.equal(start[k], ckpt["model"][k]) for k in start if k.startswith("base."))  # unfrozen
+
+
+def test_bad_jointnet_inputs_give_one_clear_sentence(rgb_run, jn_run, tmp_path):
+    init = str(rgb_run / "checkpoint.pt")
+    assert "pass --init" in error_of(tmp_path / "a", "--method", "jointnet", "--steps", "1")
+    assert "image_size=16" in error_of(tmp_path / "b", "--method", "jointnet", "--init", init, "--steps", "1",
+                                       "--image-size", "32")
+    assert "UNet only" in error_of(tmp_path / "c", "--method", "jointnet", "--init", init, "--steps", "1",
+                                   "--model", "DiT-T/4")
+    assert "drop it" in error_of(tmp_path / "d", "--method", "direct_extend", "--init", init, "--unfreeze")
+    assert "--unfreeze" in error_of(tmp_path / "e", "--method", "jointnet", "--init", str(jn_run / "checkpoint.pt"))
+    assert "no checkpoint" in error_of(tmp_path / "f", "--method", "jointnet", "--init", str(tmp_path / "none.pt"))
+
+
+@pytest.mark.parametrize("mode", jointnet.SAMPLE_MODES)
+def test_sample_modes_write_their_files(jn_run, tmp_path, mode, capsys):
+    import sample
+    out = tmp_path / mode
+    sample.main(["--ckpt", str(jn_run), "--mode", mode, "--n", "2", "--steps", "2", "--out", str(out),
+                 "--jn-width", "32"])
+    printed = capsys.readouterr().out
+    if mode == "jn-tiles":
+        from PIL import Image
+        assert Image.open(f"{out}_rgb.png").size[0] >= 32 and os.path.exists(f"{out}_dense.png")
+    else:
+        assert os.path.exists(f"{out}.png") and os.path.exists(f"{out}.npz")
+    if mode in ("jn-rgb2dense", "jn-sdedit"):
+        assert "AbsRel" in printed and "RMSE" in printed
