@@ -1,0 +1,609 @@
+"""
+MT-Diffusion: one diffusion process carries an image and a second modality (a masked copy, a label or
+a segmentation map); a shared backbone with one head per modality; a multi-task loss.
+
+    Chen et al., ICLR 2024, "Diffusion Models for Multi-Task Generative Modeling"
+    https://arxiv.org/abs/2407.17571   (no public code; the checked math is in DESIGN.md)
+
+Implemented, with a_t = alpha_t, ab_t = prod a, at_t = alpha_tilde_t, E(X) = sum_i w_t^i E_i(x_i):
+    Eq. 3      forward aggregation  q(z_t | z_{t-1}, X) = N(sqrt(a_t) (z_{t-1} + w_t E(X)), (1 - a_t) I)
+    Thm. 2     marginal  N(sqrt(ab_t) z_0 + at_t E(X), (1 - ab_t) I), at_t = sqrt(a_t) (w_t + at_{t-1}), at_0 = 0
+    Eq. 5      posterior q(z_{t-1} | z_t, z_0, X); App. B: the reverse mean from eps
+    Thm. 1     the prior mismatch L_0 = KL(q(z_T | z_0, X) || N(0, I))
+    Eq. 6      ||eps - eps_theta||^2 + lambda KL(q(x) || p_theta(x | z_t)), lambda = 0.1
+    Alg. 1     joint and conditional generation (DDIM-respaced)
+    Sec. 2.2.4 identity encoder, the shared backbone as label encoder; an output-block replica (UNet or
+               DiT) as image head, a label MLP on the middle block (variant M) or a classifier on the
+               output (E); noise predictor eps_theta(z_t, t) (variant U) or eps_theta(z_t, X, t) (X)
+    tasks      masked (Sec. 4.1), label (Sec. 4.2), translate (App. E.1), on the shapes data
+
+One identity carries the file: for fixed X, y_t = z_t - at_t E(X) is exactly the DDPM chain
+y_t = sqrt(a_t) y_{t-1} + sqrt(1 - a_t) eps (substitute Eq. 3; at_t / sqrt(a_t) - at_{t-1} = w_t). The
+sampler takes DDPM/DDIM steps on y and adds the shift back; Algorithm 1's line 12 is one such step.
+
+Task weights (--mt-weights; `python mtdiffusion.py --schedules` prints the table):
+    paper  w_t = t / (T - t) (App. E, 0-based t)       const  w_t = c
+    ramp   at_t = c sqrt(ab_t) (t + 1) / T             sigma  at_t = c sqrt(ab_t) sqrt(1 - ab_t)   (default)
+With |z_0| = |E| = 1 per dimension (linear schedule, T = 1000), L_0 is 1.0e7 nats per dimension for
+paper and 6.5e3 for const: z_T is far from the N(0, I) Algorithm 1 starts from. ramp and sigma tie
+at_T to sqrt(ab_T) and stay near plain DDPM's 2.0e-5 (8.1e-5). sigma is the default: of the two it gives the
+modality the larger SNR in z_t, at_t^2 / (1 - ab_t) (mean over t 0.28 vs 0.03), so heads and
+conditioning can see it, while w_t stays small at small t as the paper wants.
+
+    python train.py --method mtdiff --task masked --out runs/mt
+    python sample.py --ckpt runs/mt --mode mt-restore        # Table 1 and the Fig. 5 triplets
+
+Differences from the paper:
+    - label codes E(y) (backbone at a zero image, t = 0) are centred over the classes and scaled to
+      unit RMS, so the forward process keeps its scale while the network behind it trains; soft
+      estimates are encoded as the expected code. Maps get a fixed colour per class (not a VQ encoder).
+    - variant X reads E(x) as extra input channels, zeros when x is unknown (the paper's "complete mask").
+    - a share --mt-drop of training samples has x unknown: E(x) = 0 in Eq. 3 and as variant X's input,
+      i.e. the single-task model trained alongside, as in the paper's M*/E* runs (CFG-style). Without
+      them a head only learns to decode E(x) from z_t, where Eq. 3 put it (a 300-step label run: 100%
+      accuracy with the code in z_t, chance without) and cannot read x from an image. Variant X
+      trains its head on those rows only (elsewhere it could copy its input); in Algorithm 1 it
+      leaves an unknown x out of z_t, as trained, while variant U aggregates the head's estimate.
+    - Algorithm 1 uses the current step's head estimate and clips x0 to [-1, 1] (clip=False with
+      --steps T and eta 1 is the paper's chain exactly). Restoration can also paste the
+      forward-noised known pixels at every step.
+    - no LPIPS: restoration is scored by MSE; the E label head is a small CNN, not ADM's classifier.
+"""
+import argparse
+import copy
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion import Schedule, ddim_step, extract, q_sample, snr, split_prediction, timestep_subset, training_target
+
+TASKS = ("masked", "label", "translate")
+WEIGHTS = ("paper", "const", "ramp", "sigma")
+
+
+# -----------------------------------------------------------------------------
+# The math, as plain functions (coefficients (T,) for one modality or (N, T) for N)
+
+def task_weights(name, sched, scale=1.0):
+    """w_t (T,) float64 for one modality, for the schedules in the docstring."""
+    T, ab = sched.T, sched.alpha_bar
+    t = torch.arange(T, dtype=torch.float64)
+    if name == "paper":
+        return scale * t / (T - t)
+    if name == "const":
+        return torch.full((T,), float(scale), dtype=torch.float64)
+    if name in ("ramp", "sigma"):  # at_t = c sqrt(ab_t) f_t  <=>  w_t = c sqrt(ab_{t-1}) (f_t - f_{t-1}), f_{-1} = 0
+        f = (t + 1) / T if name == "ramp" else (1 - ab).sqrt()
+        return scale * sched.alpha_bar_prev.sqrt() * (f - torch.cat([f.new_zeros(1), f[:-1]]))
+    raise ValueError(f"unknown task-weight schedule {name!r}: choose one of {', '.join(WEIGHTS)}")
+
+
+def aggregation_coefs(alphas, w):
+    """at_t = sqrt(a_t) (w_t + at_{t-1}), at_{-1} = 0 (Theorem 2's recursion); w (..., T) -> at (..., T)."""
+    at, prev = torch.zeros_like(w), torch.zeros_like(w[..., 0])
+    for t in range(w.shape[-1]):
+        prev = alphas[t].sqrt() * (w[..., t] + prev)
+        at[..., t] = prev
+    return at
+
+
+def aggregate(coef, t, E):
+    """sum_i coef^i[t] E_i(x_i): coef (T,) with E (B, ...), or (N, T) with E (N, B, ...) -> (B, ...)."""
+    if coef.ndim == 1:
+        coef, E = coef[None], E[None]
+    c = coef.to(E.device)[:, t]                                              # (N, B) float64
+    return (c.view(*c.shape, *[1] * (E.ndim - 2)).to(E.dtype) * E).sum(0)   # (B, ...)
+
+
+def q_sample_mt(sched, alpha_tilde, z0, t, eps, E):
+    """z_t ~ q(z_t | z_0, X) = sqrt(ab_t) z_0 + at_t E(X) + sqrt(1 - ab_t) eps (Theorem 2, Eq. 4)."""
+    return q_sample(sched, z0, t, eps) + aggregate(alpha_tilde, t, E)
+
+
+def q_posterior_mt(sched, alpha_tilde, w, z0, z_t, t, E):
+    """Mean and variance of q(z_{t-1} | z_t, z_0, X) (Eq. 5, as checked in DESIGN.md): the mean is
+    [sqrt(a_t)(1 - ab_{t-1}) z_t + (1 - a_t) sqrt(ab_{t-1}) z_0
+     + ((1 - a_t) at_{t-1} - a_t (1 - ab_{t-1}) w_t) E(X)] / (1 - ab_t)."""
+    a, ab, ab_prev = sched.alphas, sched.alpha_bar, sched.alpha_bar_prev     # (T,) float64
+    at_prev = torch.cat([torch.zeros_like(alpha_tilde[..., :1]), alpha_tilde[..., :-1]], -1)  # at_{t-1}
+    c_z = extract(a.sqrt() * (1 - ab_prev) / (1 - ab), t, z_t).to(z_t.dtype)
+    c_0 = extract((1 - a) * ab_prev.sqrt() / (1 - ab), t, z_t).to(z_t.dtype)
+    c_E = ((1 - a) * at_prev - a * (1 - ab_prev) * w) / (1 - ab)             # (N, T) or (T,)
+    mean = c_z * z_t + c_0 * z0 + aggregate(c_E, t, E)
+    return mean, extract(sched.posterior_var, t, z_t).to(z_t.dtype)
+
+
+def reverse_mean(sched, w, z_t, t, eps, E):
+    """mu = (z_t - (1 - a_t) / sqrt(1 - ab_t) eps) / sqrt(a_t) - w_t E(X) (App. B: Eq. 10 into Eq. 9)."""
+    a, ab = extract(sched.alphas, t, z_t), extract(sched.alpha_bar, t, z_t)
+    k = ((1 - a) / (1 - ab).sqrt()).to(z_t.dtype)
+    return (z_t - k * eps) / a.sqrt().to(z_t.dtype) - aggregate(w, t, E)
+
+
+def prior_kl(sched, alpha_tilde, z0, E):
+    """L_0 = KL(q(z_T | z_0, X) || N(0, I)) in nats per sample, summed over dimensions (Theorem 1)."""
+    t = torch.full((z0.shape[0],), sched.T - 1, dtype=torch.long, device=z0.device)
+    m = q_sample_mt(sched, alpha_tilde, z0, t, torch.zeros_like(z0), E).double()   # mean of z_T
+    v = 1 - sched.alpha_bar[-1]                                                  # its variance
+    return 0.5 * (v - 1 - v.log() + m.pow(2)).flatten(1).sum(1)
+
+
+def patch_mask(counts, size, generator=None):
+    """(B, 1, S, S) 0/1 mask of counts[b] squares of side S/4 (16 of 64, App. E.2) at uniform corners,
+    clipped at the border, possibly overlapping."""
+    B, p, m = len(counts), max(1, size // 4), int(counts.max())
+    corner = torch.randint(0, size, (B, m, 2), generator=generator)                # (B, m, 2) row, col
+    r = torch.arange(size)
+    rows = (r >= corner[..., :1]) & (r < corner[..., :1] + p)                      # (B, m, S)
+    cols = (r >= corner[..., 1:]) & (r < corner[..., 1:] + p)                      # (B, m, S)
+    on = torch.arange(m) < counts[:, None]                                          # (B, m)
+    return (rows[..., :, None] & cols[..., None, :] & on[..., None, None]).any(1)[:, None].float()
+
+
+# -----------------------------------------------------------------------------
+# Decoder heads (Sec. 2.2.4); each takes (backbone features, z_t, eps_theta)
+
+class ImageHead(nn.Module):
+    """A replica of the backbone's output block: GroupNorm, SiLU, zero conv (UNet) or DiT's final layer."""
+
+    def __init__(self, backbone, out_channels):
+        super().__init__()
+        from dit import DiT, FinalLayer
+        from unet import norm, zero_module
+        self.dit = isinstance(backbone, DiT)
+        if self.dit:
+            self.p, self.c = backbone.patch_size, out_channels
+            self.final = FinalLayer(backbone.pos_embed.shape[-1], self.p, out_channels)
+            zero_module(self.final.linear), zero_module(self.final.adaLN_modulation)  # zero, as DiT's own
+        else:
+            ch = backbone.out[0].num_channels
+            self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def forward(self, feats, z_t, eps):
+        if not self.dit:
+            return self.out(feats["last"])                                          # (B, C', H, W)
+        x = self.final(feats["tokens"], feats["c"])                                 # (B, T, p*p*C')
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(-1, h, w, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)  # (B, C', h, p, w, p)
+        return x.reshape(x.shape[0], self.c, h * self.p, w * self.p)
+
+
+class LabelMLP(nn.Module):
+    """Variant M: an MLP on the pooled output of the middle block (UNet) or of the middle DiT block."""
+
+    def __init__(self, width, num_classes):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, num_classes))
+
+    def forward(self, feats, z_t, eps):
+        mid = feats["mid"]                                            # (B, C, h, w) or (B, T, D)
+        return self.mlp(mid.mean((2, 3)) if mid.ndim == 4 else mid.mean(1))         # (B, K)
+
+
+class LabelCNN(nn.Module):
+    """Variant E: a small classifier on the backbone output, read together with z_t."""
+
+    def __init__(self, channels, num_classes, width=32):
+        super().__init__()
+        conv = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, stride=2, padding=1), nn.GroupNorm(8, o), nn.SiLU())
+        self.net = nn.Sequential(conv(2 * channels, width), conv(width, 2 * width), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    def forward(self, feats, z_t, eps):
+        return self.net(torch.cat([z_t, eps], 1))                                    # (B, K)
+
+
+def palette(K):
+    """A fixed colour per segmentation class, corners of the RGB cube in [-1, 1] (class 0 black)."""
+    if K > 8:
+        raise ValueError(f"the map encoder has 8 colours but the data has {K} classes")
+    return torch.tensor([[(k >> b) & 1 for b in range(3)] for k in range(K)], dtype=torch.float32) * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# The model: shared backbone, one modality head, the fixed forward-process coefficients
+
+class MTDiffusion(nn.Module):
+    """The reverse model: eps_theta and one modality head on a shared backbone, plus E and the w_t, at_t of q."""
+
+    def __init__(self, backbone, cfg):
+        super().__init__()
+        self.backbone, self.task, self.variant = backbone, cfg["task"], cfg["mt_variant"]
+        self.C, self.size, self.num_classes = cfg["in_channels"], cfg["image_size"], cfg["num_classes"]
+        K = self.num_classes
+        if self.task == "label":
+            width = getattr(backbone, "mid_channels", None) or backbone.pos_embed.shape[-1]
+            self.head = LabelMLP(width, K) if cfg["mt_head"] == "M" else LabelCNN(self.C, K)
+        else:
+            self.head = ImageHead(backbone, self.C if self.task == "masked" else cfg["seg_classes"])
+        if self.task == "translate":
+            self.register_buffer("palette", palette(cfg["seg_classes"]), persistent=False)
+        sched = Schedule.make(cfg["schedule"], cfg["T"])
+        w = task_weights(cfg["mt_weights"], sched, cfg["mt_scale"])
+        self.register_buffer("w", w, persistent=False)                                       # (T,) float64
+        self.register_buffer("alpha_tilde", aggregation_coefs(sched.alphas, w), persistent=False)
+
+    def routable_blocks(self):
+        return self.backbone.routable_blocks()
+
+    def forward(self, z_t, t, e_in=None):
+        """(eps_theta, head output). Variant X also reads E(x): e_in, zeros (or None) where x is unknown."""
+        x = z_t
+        if self.variant == "X":
+            x = torch.cat([z_t, torch.zeros_like(z_t) if e_in is None else e_in.to(z_t)], 1)  # (B, 2C, H, W)
+        y = torch.full_like(t, self.num_classes) if self.num_classes else None  # the noise predictor gets no label
+        out, feats = self.backbone(x, t, y, return_features=True)                  # (B, C, H, W)
+        return out, self.head(feats, z_t, out)
+
+    @torch.no_grad()
+    def label_codes(self):
+        """E(y) for every class (K, C, H, W): the backbone at a zero image, t = 0, label y, no gradient."""
+        K, bb = self.num_classes, self.backbone
+        x = torch.zeros(K, self.C, self.size, self.size, device=self.w.device)
+        was = bb.training
+        o = bb.eval()(x, torch.zeros(K, dtype=torch.long, device=x.device), torch.arange(K, device=x.device))
+        bb.train(was)
+        o = o[:, :self.C].float() - o[:, :self.C].float().mean(0)               # centred over classes
+        return o / o.pow(2).mean().sqrt().clamp(min=1e-8)                         # unit RMS
+
+    def encode(self, x, codes=None):
+        """E(x) (B, C, H, W): data (masked image, long labels or maps) or soft estimates (probabilities)."""
+        if self.task == "masked":
+            return x                                                               # identity encoder
+        K = self.num_classes if self.task == "label" else len(self.palette)
+        p = x if x.is_floating_point() else F.one_hot(x, K).movedim(-1, 1).float()  # (B, K) or (B, K, H, W)
+        if self.task == "translate":
+            return torch.einsum("bkhw,kc->bchw", p, self.palette)
+        return torch.einsum("bk,kchw->bchw", p, self.label_codes() if codes is None else codes)
+
+    def estimate(self, head):
+        """The head's estimate of the modality (Alg. 1 line 10): an image, or class probabilities."""
+        return head.float().clamp(-1, 1) if self.task == "masked" else head.float().softmax(1)
+
+
+def read_modality(model, x0):
+    """p_theta(x | z_0) on a given clean image at t = 0 with x unknown: the head as classifier or segmenter."""
+    return model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device))[1]
+
+
+def head_loss(task, head, x):
+    """Per-sample KL(q(x) || p_theta(x | z_t)) of Eq. 6 up to a constant: cross-entropy for labels and
+    maps (per pixel), MSE for images (a Gaussian head)."""
+    if task == "masked":
+        return (head.float() - x).pow(2).mean((1, 2, 3))
+    ce = F.cross_entropy(head.float(), x, reduction="none")
+    return ce if task == "label" else ce.mean((1, 2))
+
+
+def modality(task, batch):
+    """The task's second modality from a batch: a masked copy (m ~ U{0..10} patches), the label or the map."""
+    if task == "masked":
+        x0 = batch["image"]
+        return x0 * (1 - patch_mask(torch.randint(0, 11, (len(x0),)), x0.shape[-1]).to(x0))
+    return batch["label" if task == "label" else "seg"]
+
+
+# -----------------------------------------------------------------------------
+# Algorithm 1
+
+@torch.no_grad()
+def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=None, z_start=None, t_start=None,
+              target="eps", clip=True, generator=None, device="cpu"):
+    """Algorithm 1 on `steps` respaced timesteps (DDIM eta; steps = T, eta = 1, clip off is line 12 exactly).
+
+    x: the given modality, or None to estimate it from its head at every step (joint generation).
+    z0, known: a given image and the 0/1 region of it that is known (B, 1, H, W); that region is replaced
+    by its forward sample every step (restoration with the known pixels pasted).
+    z_start, t_start: start from z_{t_start} instead of noise (SDEdit). Returns (z_0, x_hat).
+    """
+    codes = model.label_codes() if model.task == "label" else None
+    e = torch.zeros(shape, device=device) if x is None else model.encode(x, codes)  # (B, C, H, W)
+    x_hat = x
+    z = torch.randn(shape, generator=generator, device=device) if z_start is None else z_start
+    ts = [i for i in timestep_subset(sched.T, steps).tolist() if t_start is None or i <= t_start]
+    at = torch.cat([model.alpha_tilde, model.alpha_tilde.new_zeros(1)])           # at[-1] = 0: the clean end
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        t_prev = torch.full_like(t, i_prev)
+        out, head = model(z, t, e)
+        if x is None:  # lines 9-10: the missing modality, estimated by its head
+            x_hat = model.estimate(head)
+            if model.variant == "U":  # variant X leaves an unknown x out of z_t, as in training
+                e = model.encode(x_hat, codes)
+        y = z - aggregate(at, t, e)                                                 # the DDPM chain
+        x0_hat, eps = split_prediction(sched, y, t, out[:, :shape[1]], target, clip)
+        noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else torch.zeros_like(z)
+        z = ddim_step(sched, y, t, t_prev, x0_hat, eps, eta, noise) + aggregate(at, t_prev, e)  # line 12
+        if known is not None:
+            n = torch.randn(shape, generator=generator, device=device)
+            z_known = z0 if i_prev < 0 else q_sample_mt(sched, model.alpha_tilde, z0, t_prev, n, e)
+            z = known * z_known + (1 - known) * z                                   # (B, C, H, W)
+    return z, x_hat
+
+
+# -----------------------------------------------------------------------------
+# Metrics (Table 1 and Table 4 of the paper, without LPIPS)
+
+def region_mse(a, b, region):
+    """Per-image mean squared difference over a 0/1 region (B, 1, H, W); NaN where the region is empty."""
+    return ((a - b).pow(2) * region).sum((1, 2, 3)) / (region.sum((1, 2, 3)) * a.shape[1])
+
+
+def masked_region_error(restored, original, mask):
+    return region_mse(restored, original, mask)
+
+
+def unmasked_change(restored, original, mask):
+    return region_mse(restored, original, 1 - mask)
+
+
+def pixel_accuracy(pred, target):
+    return (pred == target).float().mean().item()
+
+
+def class_iou(pred, target, num_classes):
+    """Mean intersection over union over the classes present in the prediction or the target."""
+    ious = [((pred == k) & (target == k)).sum() / ((pred == k) | (target == k)).sum() for k in range(num_classes)]
+    return torch.stack([i for i in ious if not i.isnan()]).mean().item()
+
+
+# -----------------------------------------------------------------------------
+# train.py hooks
+
+def _float_in(lo, hi=float("inf")):
+    def parse(s):
+        if not lo <= float(s) <= hi:
+            raise argparse.ArgumentTypeError(f"{s} is outside [{lo}, {hi}]")
+        return float(s)
+    return parse
+
+
+def add_args(p):
+    g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
+    g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "
+                   "the label (Sec. 4.2) or the segmentation map (App. E.1)")
+    g.add_argument("--mt-variant", choices=["U", "X"],
+                   help="noise predictor eps(z_t, t) or eps(z_t, X, t); default X, U for labels")
+    g.add_argument("--mt-head", choices=["M", "E"], default="M",
+                   help="label head: MLP on the middle block, or classifier on the output")
+    g.add_argument("--mt-weights", choices=WEIGHTS, default="sigma", help="task-weight schedule w_t (mtdiffusion.py)")
+    g.add_argument("--mt-scale", type=_float_in(0), default=1.0, help="the constant c of the task-weight schedule")
+    g.add_argument("--mt-lambda", type=_float_in(0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
+    g.add_argument("--mt-drop", type=_float_in(0, 1), default=0.2,
+                   help="share of samples trained with x unknown (the single-task model)")
+
+
+def _run_error(msg):
+    """train.RunError. `python train.py` runs train as __main__, whose RunError is the one it catches."""
+    import train
+    main = sys.modules.get("__main__")
+    return (main.RunError if getattr(main, "__file__", "").endswith("train.py") else train.RunError)(msg)
+
+
+def prepare_config(cfg):
+    if cfg["mt_variant"] is None:
+        cfg["mt_variant"] = "U" if cfg["task"] == "label" else "X"
+    if cfg["task"] == "label":
+        if cfg["num_classes"] < 2:
+            raise _run_error("--task label needs labelled data with at least 2 classes and --class-cond 1")
+        if cfg["mt_variant"] == "X":
+            raise _run_error("--task label needs --mt-variant U: with X the head could read the label from the input")
+    else:
+        cfg["num_classes"] = 0  # masked and translate model the image without class conditioning
+    if cfg["task"] == "translate":
+        if cfg["data"] != "shapes":
+            raise _run_error("--task translate needs segmentation maps: use --data shapes")
+        import data
+        cfg["seg_classes"] = data.SEG_CLASSES
+
+
+def build_model(cfg):
+    import train
+    C = cfg["in_channels"]
+    c_in = 2 * C if cfg["mt_variant"] == "X" else C
+    if cfg["arch"] == "dit" and cfg["task"] == "label":  # a DiT has the null label row only with label dropout
+        from dit import build_dit                          # (which never acts: the encoder runs in eval mode)
+        return MTDiffusion(build_dit(cfg["model"], cfg["image_size"], c_in, cfg["num_classes"], 0.1, out_channels=C),
+                           cfg)
+    return MTDiffusion(train.build_backbone(cfg, c_in, C), cfg)
+
+
+def init_model(model, cfg):
+    """Nothing to load: MT-Diffusion trains from scratch."""
+
+
+def training_loss(model, batch, sched, cfg):
+    """Eq. 6: the diffusion loss on z_t ~ q(z_t | z_0, X) (Algorithm 2) plus lambda times the head's loss."""
+    x0, t, eps = batch["image"], batch["t"], batch["noise"]
+    x = modality(cfg["task"], batch)
+    unknown = (torch.rand(len(x0), device=x0.device) < cfg["mt_drop"]).float()    # (B,) single-task rows
+    e = model.encode(x) * (1 - unknown).view(-1, 1, 1, 1)                          # (B, C, H, W), no gradient
+    z_t = q_sample_mt(sched, model.alpha_tilde, x0, t, eps, e)                      # (B, C, H, W)
+    out, head = model(z_t, t, e)
+    mse = (out.float() - training_target(sched, x0, t, eps, cfg["target"])).pow(2).mean((1, 2, 3))  # (B,)
+    weight = torch.ones_like(mse)
+    if cfg["weighting"] != "none":
+        import minsnr
+        weight = minsnr.loss_weight(snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
+                                    p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"]).to(mse)
+    rows = unknown if model.variant == "X" else torch.ones_like(unknown)           # (B,) rows that train the head
+    n = rows.sum().clamp(min=1)
+    l_x = (head_loss(cfg["task"], head, x) * rows).sum() / n
+    stats = {"mse": mse.detach(), "head": l_x.detach()}
+    if cfg["task"] != "masked":  # on the rows without E(x) in z_t: reading x from the image
+        hit = (head.argmax(1) == x).float().view(len(x), -1).mean(1)
+        stats["acc"] = (hit * unknown).sum() / unknown.sum().clamp(min=1)
+    return (weight * mse).mean() + cfg["mt_lambda"] * l_x, stats
+
+
+def show(model, x):
+    """Grid rows that draw a modality: the masked image, a map in its class colours; labels draw nothing."""
+    if model.task == "label":
+        return []
+    return [x if model.task == "masked" else model.encode(x.argmax(1) if x.is_floating_point() else x)]
+
+
+def sample_rows(model, sched, cfg, n, generator, device):
+    """Joint generation from scratch (Algorithm 1): images, and the estimated modality where it is drawable."""
+    shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    z, x = mt_sample(model, sched, shape, cfg["sample_steps"], target=cfg["target"], generator=generator, device=device)
+    return [z] + show(model, x)
+
+
+# -----------------------------------------------------------------------------
+# sample.py modes: joint generation, restoration (Table 1, Fig. 5), labels (Fig. 6), translation (Table 4)
+
+SAMPLE_MODES = ("mt-joint", "mt-restore", "mt-label", "mt-translate")
+
+
+def add_sample_args(p):
+    p.add_argument("--mt-patches", type=int, nargs="+", default=[5, 10, 15, 20], help="mt-restore: patches per image")
+    p.add_argument("--mt-sdedit", type=float, default=0.5, help="mt-restore: SDEdit starts at this fraction of T")
+
+
+def heldout_batch(cfg, n, device):
+    """The first n held-out items, stacked, on the device."""
+    import data
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"])
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def chunked(fn, size, *xs):
+    """fn over slices of `size` rows of every x; returns each of fn's outputs concatenated."""
+    outs = [fn(*(x[i:i + size] for x in xs)) for i in range(0, len(xs[0]), size)]
+    return [torch.cat(o) for o in zip(*outs)]
+
+
+def train_classifier(cfg, device):
+    """Fig. 6's baseline: the same backbone and label head trained by cross-entropy on clean images (t = 0),
+    with the run's steps, batch, learning rate, warm-up, gradient clipping and EMA."""
+    import data
+    import train
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(device).train()
+    ema = copy.deepcopy(model).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    batches = train.ResumableBatches(len(ds), cfg["batch_size"], cfg["seed"])
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches))
+    for step in range(cfg["steps"]):
+        b = next(loader)
+        x0, y = b["image"].to(device), b["label"].to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+        loss = F.cross_entropy(read_modality(model, x0), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        train.update_ema(ema, model, min(cfg["ema_decay"], (2 + step) / (11 + step)))
+    return ema
+
+
+def restore_table(model, sched, sample, x0, args, out):
+    """Table 1 without LPIPS: restoration of held-out images with m patches masked, against the masked
+    input itself and an SDEdit baseline run with the same model (noised to t0, then Algorithm 1)."""
+    from sample import save_grid
+    B, t0, g = args.batch, int(args.mt_sdedit * (sched.T - 1)), torch.Generator().manual_seed(args.seed)
+    print(f"restoration of {len(x0)} held-out images: MSE in the masked region / change in the unmasked region")
+    for m in args.mt_patches:
+        M = patch_mask(torch.full((len(x0),), m), x0.shape[-1], g).to(x0)              # (N, 1, S, S)
+        xm = x0 * (1 - M)                                                                # the masked input
+        t = torch.full((len(x0),), t0, device=x0.device)
+        z_sd = q_sample_mt(sched, model.alpha_tilde, xm, t, torch.randn(xm.shape, generator=g).to(x0), xm)
+        rows = {"clean vs masked": xm,
+                f"SDEdit from t={t0}": chunked(lambda a, z: sample(len(a), x=a, z_start=z, t_start=t0), B, xm, z_sd)[0],
+                "MT-Diffusion (Alg. 1)": chunked(lambda a: sample(len(a), x=a), B, xm)[0],
+                "MT-Diffusion + paste": chunked(lambda a, k: sample(len(a), x=a, z0=a, known=k), B, xm, 1 - M)[0]}
+        for name, r in rows.items():
+            err, chg = masked_region_error(r, x0, M).nanmean().item(), unmasked_change(r, x0, M).nanmean().item()
+            print(f"  m={m:2d}  {name:24s} {err:.4f} / {chg:.4f}")
+        save_grid([x0[:8], xm[:8], rows["MT-Diffusion (Alg. 1)"][:8]], f"{out}_m{m}.png")
+    print(f"wrote original / masked / restored rows to {out}_m*.png")
+
+
+def label_accuracy(model, cfg, x0, y, args, device):
+    """Fig. 6: the label head's accuracy on held-out images (read_modality) against a supervised classifier
+    of the same backbone and head trained for the same steps."""
+    def acc(net):
+        return (chunked(lambda a: [read_modality(net, a)], args.batch, x0)[0].argmax(1) == y).float().mean().item()
+    ours = acc(model)
+    print(f"training the supervised baseline for {cfg['steps']} steps ...")
+    with torch.enable_grad():
+        base = acc(train_classifier(cfg, device))
+    print(f"label accuracy on {len(y)} held-out images: MT-Diffusion-{cfg['mt_head']} {ours:.4f}, "
+          f"supervised classifier {base:.4f}")
+
+
+def translate_table(model, sample, x0, seg, K, args, out):
+    """Table 4: per-pixel accuracy and class IoU of the maps read from held-out images (the head at t = 0);
+    and images generated from the given maps (Algorithm 1)."""
+    from sample import save_grid
+    B = args.batch
+    pred = chunked(lambda a: [read_modality(model, a)], B, x0)[0].argmax(1)
+    z = chunked(lambda s: sample(len(s), x=s)[:1], B, seg)[0]                       # the image from the map
+    print(f"map from image, {len(x0)} held-out images: per-pixel accuracy {pixel_accuracy(pred, seg):.4f}, "
+          f"class IoU {class_iou(pred, seg, K):.4f} (all background: {pixel_accuracy(torch.zeros_like(seg), seg):.4f})")
+    save_grid([show(model, seg[:8])[0], z[:8], x0[:8], show(model, pred[:8])[0]], out + ".png")
+    print(f"wrote rows map / image from the map / true image / map from the image to {out}.png")
+
+
+@torch.no_grad()
+def run_sample_mode(mode, model, sched, cfg, args, out, device):
+    from sample import save_grid, to_uint8
+    need = {"mt-restore": "masked", "mt-label": "label", "mt-translate": "translate"}.get(mode, cfg["task"])
+    if cfg["task"] != need:
+        raise ValueError(f"--mode {mode} needs a run trained with --task {need}; this one has --task {cfg['task']}")
+    if min(args.mt_patches) < 0 or not 0 < args.mt_sdedit <= 1:
+        raise ValueError("--mt-patches must be >= 0 and --mt-sdedit in (0, 1]")
+    g = torch.Generator(device).manual_seed(args.seed)
+    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    def sample(n, **kw):
+        return mt_sample(model, sched, (n, *shape), args.steps or 50, args.eta, target=cfg["target"], generator=g,
+                         device=device, **kw)
+    if mode == "mt-joint":  # generation from scratch
+        z, x = chunked(lambda i: sample(len(i)), args.batch, torch.arange(args.n))
+        save_grid([z[:8], *show(model, x[:8])], out + ".png")
+        torch.save({"images": torch.from_numpy(to_uint8(z)), "modality": x.cpu()}, out + ".pt")
+        print(f"wrote {len(z)} joint samples to {out}.pt and a grid to {out}.png")
+        return
+    b = heldout_batch(cfg, args.n, device)
+    if mode == "mt-restore":
+        restore_table(model, sched, sample, b["image"], args, out)
+    elif mode == "mt-label":
+        label_accuracy(model, cfg, b["image"], b["label"], args, device)
+    else:
+        translate_table(model, sample, b["image"], b["seg"], cfg["seg_classes"], args, out)
+
+
+# -----------------------------------------------------------------------------
+
+def print_schedules(noise="linear", T=1000, scale=1.0):
+    """The prior mismatch L_0 of every task-weight schedule, with |z_0| = |E| = 1 per dimension."""
+    sched, one = Schedule.make(noise, T), torch.ones(1, 1)
+    print(f"{noise} noise schedule, T = {T}, c = {scale}, |z_0| = |E| = 1 per dimension")
+    print(f"{'weights':8s} {'max w_t':>10s} {'at_T':>10s} {'L_0 / dim':>10s} {'L_0 3x32x32':>12s} {'mean SNR_E':>11s}")
+    for name in WEIGHTS:
+        w = task_weights(name, sched, scale)
+        at = aggregation_coefs(sched.alphas, w)
+        kl = prior_kl(sched, at, one, one).item()
+        snr_e = (at.pow(2) / (1 - sched.alpha_bar)).mean().item()   # the modality's SNR in z_t, mean over t
+        print(f"{name:8s} {w.max().item():10.3g} {at[-1].item():10.3g} {kl:10.3g} {3072 * kl:12.3g} {snr_e:11.3g}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
+    parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
+    parser.add_argument("--T", type=int, default=1000)
+    parser.add_argument("--scale", type=_float_in(0), default=1.0)
+    args = parser.parse_args()
+    if not args.schedules:
+        parser.print_help()
+    else:
+        print_schedules(args.noise, args.T, args.scale)
