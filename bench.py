@@ -1,0 +1,677 @@
+"""
+The reproduction table: does each paper's claim hold at small scale, and what does each method cost?
+
+    python bench.py --quick      # about 20 minutes on 2 CPU cores: 16px, 400 steps, one seed
+    python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
+    python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
+
+Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
+rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with
+metrics.py: Frechet distance (FD), precision and recall of DDIM samples against held-out shapes images,
+in the feature space of the small reference CNN (not Inception; not comparable to published FIDs).
+
+Rows and the claims they test:
+    methods     ddpm, minsnr, dtr, rtr, dtr_minsnr on the UNet and DiT presets: DTR lowers FD and
+                converges faster, random routing (R-TR) hurts, DTR + Min-SNR is better still
+                (DTR Tables 1-2, Fig. 5)
+    weighting   constant / SNR / max-SNR-5 / min-SNR-5 weighting for x0-, eps- and v-prediction:
+                min-SNR-5 converges fastest for every target (Min-SNR Fig. 5, Table 1)
+    loss bins   the unweighted training loss per timestep decile over the last stretch of each run
+    mtdiff      masked-image training: restoration of held-out masked images against SDEdit and
+                replacement with the ddpm model (MT-Diffusion Table 1, MSE instead of LPIPS), and
+                the label head against the same network trained as a supervised classifier (Fig. 6)
+    jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (Fig. 8),
+                RGB -> depth AbsRel / RMSE (Table 2's metrics)
+    speed       training images/s of every method side by side in one process (interleaved repeats,
+                median), its ratio to ddpm on the same backbone, parameter counts; sampling images/s
+                of DDPM and DDIM-50
+Writes bench.json (every number) and bench.md (the tables and a verdict per claim with its seed count).
+
+Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
+ImageNet and days; FD in a reference CNN's features; restoration by MSE, not LPIPS. A claim that does
+not reproduce here says something about this scale, not necessarily about the paper.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import time
+
+import torch
+
+import diffusion
+import metrics
+import train
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METHODS = ("ddpm", "minsnr", "dtr", "rtr", "dtr_minsnr")
+WEIGHTINGS = ("const", "snr", "max_snr", "min_snr")
+# What every profile sets. Rows share all of it: same data, image size, batch, steps, lr and seeds.
+#   checkpoints      steps at which each run is scored (FD / precision / recall); the last is the run length
+#   n_eval, n_ref    generated and held-out real images per score; eval_steps: DDIM steps of those samples
+#   grid_steps       DDIM steps of the sample grid train.py writes; rgb_heldout: jointnet.py's logged RGB batch
+#   speed_*          optimiser steps per timing and interleaved repeats; sample_n: batch of the sampling timings
+#   n_restore        held-out images for restoration, label and depth scores; mt_patches: hidden patches
+_COMMON = dict(models={"unet": "unet-cpu", "dit": "DiT-T/4"}, arches=("unet", "dit"), methods=METHODS,
+               targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None)
+PROFILES = {
+    # Seconds of CPU: one or two steps of every row, for the test suite.
+    "tiny": {**_COMMON, **dict(image_size=16, batch_size=8, lr=1e-3, warmup=1, checkpoints=(1, 2), seeds=(0,),
+                               log_every=1, methods=("ddpm", "dtr"), targets=("eps",), weightings=("const", "min_snr"),
+                               n_eval=8, n_ref=16, eval_steps=2, grid_steps=1, rgb_heldout=4,
+                               featnet=dict(n_train=64, n_test=32, steps=5), speed_steps=1, speed_repeats=1,
+                               speed_methods=("ddpm", "dtr", "mtdiff", "jointnet"), sample_n=2, ddim_steps=2,
+                               ddpm_steps=4, n_restore=4, mt_patches=2)},
+    # About 20 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
+    "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
+                                seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
+                                rgb_heldout=16, speed_steps=5, speed_repeats=3, sample_n=16, n_restore=64,
+                                mt_patches=3)},
+    # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
+    "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
+                               seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
+                               rgb_heldout=64, speed_steps=20, speed_repeats=5, sample_n=64, n_restore=500,
+                               mt_patches=5)},
+}
+
+
+def has_module(name):
+    return importlib.util.find_spec(name) is not None
+
+
+# -----------------------------------------------------------------------------
+# Training runs through train.py
+
+def call_train(argv, log_path):
+    """train.main in this process, its output appended to log_path; its signal handlers are undone
+    afterwards so Ctrl-C still stops bench."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            train.main(argv)
+    except SystemExit as e:
+        raise RuntimeError(f"python train.py {' '.join(argv)} failed ({e.code}); its output is in {log_path}") from None
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def common_flags(prof, arch, seed):
+    p = prof
+    return ["--model", p["models"][arch], "--image-size", str(p["image_size"]), "--batch-size", str(p["batch_size"]),
+            "--lr", str(p["lr"]), "--warmup", str(p["warmup"]), "--log-every", str(p["log_every"]),
+            "--ckpt-every", str(p["checkpoints"][-1]), "--sample-every", str(p["checkpoints"][-1]),
+            "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", "0"]
+
+
+def train_in_segments(out, flags, checkpoints, on_checkpoint):
+    """Train to each checkpoint in turn (resuming in between, which continues exactly) and call
+    on_checkpoint(checkpoint path, step) at each; returns {step: its result}."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        shutil.rmtree(out)  # a stale run of an earlier bench in bench's own folder
+    if os.path.exists(out + ".log"):
+        os.remove(out + ".log")
+    results = {}
+    for i, step in enumerate(checkpoints):
+        argv = flags + ["--steps", str(step), "--out", out] if i == 0 else ["--resume", "--out", out, "--steps", str(step)]
+        call_train(argv, out + ".log")
+        results[step] = on_checkpoint(os.path.join(out, "checkpoint.pt"), step)
+    return results
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def loss_bins(log, after_step):
+    """Mean unweighted loss per timestep decile over the log records after `after_step`."""
+    recs = [r for r in log if r["step"] > after_step] or log
+    return [None if not vals else sum(vals) / len(vals)
+            for vals in ([r["loss_bins"][i] for r in recs if r["loss_bins"][i] is not None] for i in range(10))]
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+class Scorer:
+    """The reference net and the features of n_ref held-out real images, computed once per profile."""
+
+    def __init__(self, prof, cache=None):
+        S = prof["image_size"]
+        self.net, self.info = metrics.load_feature_net("shapes", S, 0, "trained", cache, **prof["featnet"])
+        self.net = self.net.to(DEVICE)
+        self.ref = metrics.extract_features(self.net, metrics.reference_images("shapes", S, prof["n_ref"]), device=DEVICE)
+
+    def __call__(self, images):
+        feats = metrics.extract_features(self.net, images, device=DEVICE)
+        p, r = metrics.precision_recall(self.ref, feats)
+        return {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r}
+
+
+def sample_fn(cfg):
+    m = train.METHOD_MODULES.get(cfg["method"])
+    return importlib.import_module(m).sample_rows if m else train.default_samples
+
+
+@torch.no_grad()
+def generate(model, sched, cfg, n, steps, seed, batch=256):
+    """n samples (the image row of the method's sample grid), DDIM with `steps`; the same noise for every row."""
+    fn, c = sample_fn(cfg), {**cfg, "sample_steps": steps}
+    g = torch.Generator(DEVICE).manual_seed(10_000 + seed)
+    return torch.cat([fn(model, sched, c, min(batch, n - i), g, DEVICE)[0].float().cpu() for i in range(0, n, batch)])
+
+
+def score_checkpoint(prof, scorer, seed):
+    def on_checkpoint(path, step):
+        model, cfg, sched = train.load_run(path, device=DEVICE)
+        return scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed))
+    return on_checkpoint
+
+
+def run_row(prof, scorer, root, spec, seed, extra=()):
+    """Train one row with one seed, scored at every checkpoint; returns its record."""
+    out = os.path.join(root, f"{spec['name']}-seed{seed}".replace("/", "_"))
+    t0 = time.time()
+    flags = ["--method", spec["method"], *spec.get("flags", ()), *common_flags(prof, spec["arch"], seed), *extra]
+    scores = train_in_segments(out, flags, prof["checkpoints"], score_checkpoint(prof, scorer, seed))
+    log = read_log(out)
+    cks = prof["checkpoints"]
+    return {**{k: v for k, v in spec.items() if k != "flags"}, "seed": seed, "out": out, "wall_s": time.time() - t0,
+            "scores": {str(s): v for s, v in scores.items()}, "loss_bins": loss_bins(log, cks[-2] if len(cks) > 1 else 0),
+            "logged_img_per_s": statistics.median(r["img_per_s"] for r in log), "log": log}
+
+
+def quality_specs(prof):
+    """The methods grid and the weighting grid. Rows whose training would be identical share one run."""
+    specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m) for a in prof["arches"] for m in prof["methods"]]
+    specs += [dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t, weighting=w,
+                   flags=["--target", t, "--weighting", w, "--snr-gamma", "5"])
+              for t in prof["targets"] for w in prof["weightings"]]
+    return specs
+
+
+def run_key(spec):
+    axes = {"target": "eps", "weighting": "none", "routing": "none", **train.METHODS[spec["method"]]}
+    axes.update({k: spec[k] for k in ("target", "weighting") if k in spec})
+    return (spec["arch"], axes["target"], axes["weighting"], axes["routing"])
+
+
+def quality_rows(prof, scorer, root):
+    rows, done = [], {}
+    for spec in quality_specs(prof):
+        for seed in prof["seeds"]:
+            key = (run_key(spec), seed)
+            if key in done:
+                rows.append({**done[key], **{k: v for k, v in spec.items() if k != "flags"}, "shared_with": done[key]["name"]})
+                continue
+            print(f"[bench] {spec['name']} seed {seed}", flush=True)
+            done[key] = run_row(prof, scorer, root, spec, seed)
+            rows.append(done[key])
+    return rows
+
+
+def base_checkpoint(rows, seed):
+    """The ddpm UNet run of this seed (JointNet's pretrained model and the restoration baseline)."""
+    for r in rows:
+        if r["arch"] == "unet" and r["method"] == "ddpm" and r["seed"] == seed and "target" not in r:
+            return os.path.join(r["out"], "checkpoint.pt")
+    return None
+
+
+# -----------------------------------------------------------------------------
+# MT-Diffusion rows (mtdiffusion.py): masked-image restoration (Table 1) and the label head (Fig. 6)
+
+@torch.no_grad()
+def sdedit(model_fn, sched, x_in, t0, steps, target, generator, known=None):
+    """SDEdit (Meng et al. 2022): noise x_in to t0 and run DDIM down to 0; with `known`, the known region
+    is replaced by its forward-noised copy before every step and by x_in at the end (replacement inpainting)."""
+    ts = [i for i in diffusion.timestep_subset(sched.T, steps).tolist() if i <= t0]
+    def noised(i):
+        t = torch.full((len(x_in),), i, device=x_in.device, dtype=torch.long)
+        return diffusion.q_sample(sched, x_in, t, torch.randn(x_in.shape, generator=generator, device=x_in.device))
+    x = noised(ts[0])
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        if known is not None:
+            x = known * noised(i) + (1 - known) * x
+        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        x0, eps = diffusion.split_prediction(sched, x, t, model_fn(x, t), target, clip=True)
+        x = diffusion.ddim_step(sched, x, t, torch.full_like(t, i_prev), x0, eps, 0.0, torch.zeros_like(x))
+    return x if known is None else known * x_in + (1 - known) * x
+
+
+def held_out(S, n):
+    import data
+    ds = data.build_dataset("shapes", S, "test", 0)
+    items = [ds[i] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]}
+
+
+@torch.no_grad()
+def restoration(prof, scorer, mt_ckpt, base_ckpt, seed):
+    """Restore n_restore held-out images with mt_patches square patches hidden: masked-region MSE,
+    change of the visible region, and LPIPS-style distance to the clean image."""
+    import mtdiffusion as mt
+    S, steps, n = prof["image_size"], prof["eval_steps"], prof["n_restore"]
+    b = held_out(S, n)
+    x0 = b["image"]
+    M = mt.patch_mask(torch.full((n,), prof["mt_patches"]), S, torch.Generator().manual_seed(seed)).to(DEVICE)
+    xm, keep = x0 * (1 - M), 1 - M                                                 # (n, 3, S, S), (n, 1, S, S)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    model, cfg, sched = train.load_run(mt_ckpt, device=DEVICE)
+    base, bcfg, _ = train.load_run(base_ckpt, device=DEVICE)
+    fn = diffusion.cfg_model(base, b["label"] if bcfg["num_classes"] else None, 1.0, bcfg["num_classes"])
+    t0 = sched.T // 2
+    outs = {"masked input": xm,
+            f"ddpm + SDEdit (t0 = {t0})": sdedit(fn, sched, xm, t0, steps, bcfg["target"], g),
+            "ddpm + replacement": sdedit(fn, sched, xm, sched.T - 1, steps, bcfg["target"], g, keep),
+            "MT-Diffusion (Alg. 1)": mt.mt_sample(model, sched, xm.shape, steps, x=xm, target=cfg["target"],
+                                                  generator=g, device=DEVICE)[0],
+            "MT-Diffusion + paste": mt.mt_sample(model, sched, xm.shape, steps, x=xm, z0=xm, known=keep,
+                                                 target=cfg["target"], generator=g, device=DEVICE)[0]}
+    net = scorer.net
+    return {name: {"masked_mse": metrics.masked_region_mse(r, x0, M).mean().item(),
+                   "unmasked_change": metrics.unmasked_change(r, xm, M).mean().item(),
+                   "perceptual": metrics.perceptual_distance(net, r.clamp(-1, 1), x0).mean().item()}
+            for name, r in outs.items()}
+
+
+def label_accuracy(prof, ckpt):
+    """Held-out accuracy of the MT-Diffusion label head (t = 0, clean image) and of the same network
+    trained by cross-entropy for the same steps (mtdiffusion.train_classifier)."""
+    import mtdiffusion as mt
+    model, cfg, _ = train.load_run(ckpt, device=DEVICE)
+    b = held_out(prof["image_size"], prof["n_restore"])
+    def acc(net):
+        with torch.no_grad():
+            return (mt.read_modality(net, b["image"]).argmax(1) == b["label"]).float().mean().item()
+    return {"mt_head": acc(model), "supervised": acc(mt.train_classifier(cfg, DEVICE).eval())}
+
+
+def mtdiff_rows(prof, scorer, root, quality):
+    rows = []
+    for seed in prof["seeds"]:
+        base = base_checkpoint(quality, seed)
+        # The masked task models images without labels (prepare_config sets num_classes 0); --class-cond 0
+        # says so up front, so that --resume (which skips prepare_config) agrees with the saved config.
+        spec = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method="mtdiff",
+                    flags=["--task", "masked", "--class-cond", "0"])
+        print(f"[bench] {spec['name']} seed {seed}", flush=True)
+        r = run_row(prof, scorer, root, spec, seed)
+        r["restoration"] = restoration(prof, scorer, os.path.join(r["out"], "checkpoint.pt"), base, seed) if base else None
+        rows.append(r)
+        out = os.path.join(root, f"unet_mtdiff-label-seed{seed}")
+        print(f"[bench] unet/mtdiff-label seed {seed}", flush=True)
+        flags = ["--method", "mtdiff", "--task", "label", *common_flags(prof, "unet", seed)]
+        train_in_segments(out, flags, prof["checkpoints"][-1:], lambda p, s: None)
+        rows.append(dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", seed=seed,
+                         out=out, labels=label_accuracy(prof, os.path.join(out, "checkpoint.pt"))))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# JointNet rows (jointnet.py): RGB preservation (Fig. 8) and RGB -> depth (Table 2's metrics)
+
+@torch.no_grad()
+def rgb_to_depth(prof, ckpt, seed):
+    import jointnet as jn
+    model, cfg, sched = train.load_run(ckpt, device=DEVICE)
+    b = held_out(prof["image_size"], prof["n_restore"])
+    x0, d0 = b["image"], b["depth"]
+    z0 = torch.cat([x0, d0], 1)                                                     # (n, 4, S, S)
+    known = torch.zeros_like(z0, dtype=torch.bool)
+    known[:, :x0.shape[1]] = True
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    y = b["label"] if cfg["num_classes"] else None
+    fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+    z = jn.joint_ddim(fn, sched, torch.randn(z0.shape, generator=g, device=DEVICE),
+                      diffusion.timestep_subset(sched.T, prof["eval_steps"]).tolist(), cfg["target"], z0, known, 0.0, g)
+    m = metrics.depth_metrics(z[:, x0.shape[1]:].cpu(), d0.cpu())
+    other = metrics.depth_metrics(d0.roll(1, 0).cpu(), d0.cpu())  # another image's depth: the uninformed level
+    return {"abs_rel": m["abs_rel"], "rmse": m["rmse"], "other_image_abs_rel": other["abs_rel"],
+            "other_image_rmse": other["rmse"]}
+
+
+def jointnet_rows(prof, scorer, root, quality):
+    rows = []
+    for seed in prof["seeds"]:
+        base = base_checkpoint(quality, seed)
+        if base is None:
+            continue
+        for method in ("jointnet", "direct_extend"):
+            spec = dict(group="jointnet", name=f"unet/{method}", arch="unet", method=method)
+            print(f"[bench] {spec['name']} seed {seed}", flush=True)
+            r = run_row(prof, scorer, root, spec, seed, extra=["--init", base, "--rgb-heldout", str(prof["rgb_heldout"])])
+            held = [x["rgb_heldout"] for x in r["log"] if x.get("rgb_heldout") is not None]
+            r["rgb_heldout"] = {"first": held[0] if held else None, "last": held[-1] if held else None}
+            r["depth"] = rgb_to_depth(prof, os.path.join(r["out"], "checkpoint.pt"), seed)
+            rows.append(r)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Speed: side by side in one process
+
+def make_config(argv):
+    """train.py's config for argv, with its data and method checks (what train.train does before training)."""
+    import data
+    parser = train.get_parser()
+    args = parser.parse_args(argv)
+    cfg = train.resolve_config(args, {k for k, v in vars(args).items() if v != parser.get_default(k)})
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    train.describe_data(cfg, ds)
+    module = importlib.import_module(train.METHOD_MODULES[cfg["method"]]) if cfg["method"] in train.METHOD_MODULES else None
+    if module:
+        module.prepare_config(cfg)
+    train.check_image_size(cfg)
+    return cfg, ds, module
+
+
+def speed_setups(prof, arch, init):
+    methods = list(METHODS) + (["mtdiff"] if has_module("mtdiffusion") else [])
+    if arch == "unet" and init and has_module("jointnet"):
+        methods += ["jointnet", "direct_extend"]
+    out = []
+    for m in [m for m in methods if m in prof.get("speed_methods", methods)]:
+        # --rgb-heldout 0: the held-out RGB loss jointnet.py logs is evaluation, not part of a training step.
+        extra = ["--init", init, "--rgb-heldout", "0"] if m in ("jointnet", "direct_extend") else []
+        cfg, ds, module = make_config(["--method", m, *common_flags(prof, arch, 0), *extra])
+        torch.manual_seed(0)
+        model = train.build_model(cfg).to(DEVICE)
+        if module:
+            module.init_model(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        out.append(dict(method=m, cfg=cfg, model=model, params=params, opt=torch.optim.AdamW(params, lr=1e-5),
+                        loss_fn=module.training_loss if module else train.default_loss, ds=ds))
+    return out
+
+
+def timed_steps(s, batch, sched, k):
+    """Seconds for k optimiser steps of a setup on a fixed batch."""
+    s["model"].train()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()  # as train.py
+    t0 = time.perf_counter()
+    for i in range(k):
+        torch.manual_seed(i)
+        with amp:
+            loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"])
+        s["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        s["opt"].step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def training_speed(prof, arch, init):
+    setups = speed_setups(prof, arch, init)
+    B = prof["batch_size"]
+    items = [setups[0]["ds"][i] for i in range(B)]
+    batch = {k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]}
+    g = torch.Generator().manual_seed(0)
+    batch["t"] = diffusion.sample_timesteps(B, 1000, generator=g).to(DEVICE)
+    batch["noise"] = torch.randn(batch["image"].shape, generator=g).to(DEVICE)
+    batch["label_drop"] = (torch.rand(B, generator=g) < 0.1).to(DEVICE)  # as train.py draws them (--cfg-drop 0.1)
+    sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
+    times = {s["method"]: [] for s in setups}
+    for s in setups:
+        timed_steps(s, batch, sched, 1)  # warm-up
+    for _ in range(prof["speed_repeats"]):  # interleaved: a busy machine slows every method alike
+        for s in setups:
+            times[s["method"]].append(timed_steps(s, batch, sched, prof["speed_steps"]))
+    rows = []
+    for s in setups:
+        ips = B * prof["speed_steps"] / statistics.median(times[s["method"]])
+        rows.append(dict(arch=arch, model=prof["models"][arch], method=s["method"], img_per_s=ips,
+                         params=sum(p.numel() for p in s["model"].parameters()),
+                         trainable=sum(p.numel() for p in s["params"])))
+    ref = next(r["img_per_s"] for r in rows if r["method"] == "ddpm")
+    for r in rows:
+        r["ratio_to_ddpm"] = r["img_per_s"] / ref
+    return rows
+
+
+@torch.no_grad()
+def sampling_speed(prof, arch):
+    """Images/s of DDPM (all T steps unless the profile respaces it) and DDIM-50 for ddpm and dtr models."""
+    rows, n, S = [], prof["sample_n"], prof["image_size"]
+    for m in ("ddpm", "dtr"):
+        cfg, _, _ = make_config(["--method", m, *common_flags(prof, arch, 0)])
+        torch.manual_seed(0)
+        model = train.build_model(cfg).to(DEVICE).eval()
+        sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
+        y = torch.arange(n, device=DEVICE) % cfg["num_classes"]
+        fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+        shape = (n, 3, S, S)
+        fn(torch.randn(shape, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
+        samplers = [(f"DDIM-{prof['ddim_steps']}", lambda: diffusion.ddim_sample(fn, sched, shape, prof["ddim_steps"], device=DEVICE))]
+        if m == "ddpm":
+            k = prof["ddpm_steps"] or sched.T
+            samplers.append((f"DDPM-{k}", lambda: diffusion.ddpm_sample(fn, sched, shape, k, device=DEVICE)))
+        for name, run in samplers:
+            t0 = time.perf_counter()
+            run()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            rows.append(dict(arch=arch, model=prof["models"][arch], method=m, sampler=name,
+                             img_per_s=n / (time.perf_counter() - t0), batch=n))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Summary: means over seeds, the claims, the markdown
+
+def mean_std(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def summarize(rows, checkpoints):
+    """{row name: {"fd@step": mean_std, ..., "precision", "recall" at the last step, "loss_bins"}} over seeds."""
+    out = {}
+    for name in dict.fromkeys(r["name"] for r in rows if "scores" in r):
+        rs = [r for r in rows if r["name"] == name and "scores" in r]
+        s = {f"fd@{c}": mean_std([r["scores"][str(c)]["fd"] for r in rs]) for c in checkpoints}
+        last = str(checkpoints[-1])
+        s.update(precision=mean_std([r["scores"][last]["precision"] for r in rs]),
+                 recall=mean_std([r["scores"][last]["recall"] for r in rs]),
+                 fd_mean=mean_std([statistics.fmean(r["scores"][str(c)]["fd"] for c in checkpoints) for r in rs]),
+                 loss_bins=[mean_std([r["loss_bins"][i] for r in rs]) for i in range(10)], seeds=len(rs))
+        out[name] = s
+    return out
+
+
+def fmt(ms, digits=2):
+    if ms is None:
+        return "-"
+    return f"{ms['mean']:.{digits}f}" + (f" ± {ms['std']:.{digits}f}" if ms["n"] > 1 else "")
+
+
+def claims(summary, rows, checkpoints):
+    """Each paper claim that this profile's rows can test: (claim, source, holds, evidence, seeds)."""
+    last, out = f"fd@{checkpoints[-1]}", []
+    def fd(name, key=last):
+        return summary[name][key]["mean"] if name in summary and summary[name][key] else None
+    def add(claim, source, holds, evidence, seeds):
+        out.append(dict(claim=claim, source=source, holds=bool(holds), evidence=evidence, seeds=seeds))
+    for a in ("unet", "dit"):
+        d, r, b, dm, ms = (fd(f"{a}/{m}") for m in ("dtr", "rtr", "ddpm", "dtr_minsnr", "minsnr"))
+        n = summary.get(f"{a}/ddpm", {}).get("seeds", 0)
+        if d is not None and b is not None:
+            add(f"DTR lowers FD ({a})", "DTR Table 1", d < b, f"FD {d:.2f} (dtr) vs {b:.2f} (ddpm)", n)
+            early = [(fd(f"{a}/dtr", f"fd@{c}"), fd(f"{a}/ddpm", f"fd@{c}")) for c in checkpoints[:-1]]
+            if early:
+                wins = sum(x < y for x, y in early)
+                add(f"DTR converges faster ({a})", "DTR Fig. 5", wins == len(early),
+                    f"DTR below ddpm at {wins} of {len(early)} earlier checkpoints", n)
+        if r is not None and d is not None and b is not None:
+            add(f"random routing (R-TR) degrades ddpm ({a})", "DTR Table 1", r > b,
+                f"FD {r:.2f} (rtr) vs {b:.2f} (ddpm), {d:.2f} (dtr)", n)
+        if dm is not None and d is not None and ms is not None:
+            add(f"DTR + Min-SNR beats either alone ({a})", "DTR Table 2", dm < min(d, ms),
+                f"FD {dm:.2f} (dtr_minsnr) vs {d:.2f} (dtr), {ms:.2f} (minsnr)", n)
+    for t in ("x0", "eps", "v"):
+        names = [f"unet/{t}/{w}" for w in WEIGHTINGS]
+        if all(x in summary for x in names):
+            auc = {w: summary[x]["fd_mean"]["mean"] for w, x in zip(WEIGHTINGS, names)}
+            best = min(auc, key=auc.get)
+            add(f"min-SNR-5 converges fastest ({t}-prediction)", "Min-SNR Fig. 5", best == "min_snr",
+                "mean FD over checkpoints: " + ", ".join(f"{w} {v:.2f}" for w, v in auc.items()), summary[names[0]]["seeds"])
+    rest = [r["restoration"] for r in rows if r.get("restoration")]
+    if rest:
+        mse = {k: statistics.fmean(x[k]["masked_mse"] for x in rest) for k in rest[0]}
+        ours = min(mse["MT-Diffusion (Alg. 1)"], mse["MT-Diffusion + paste"])
+        base = min(v for k, v in mse.items() if k.startswith("ddpm"))
+        add("masked-image training restores better than the baselines", "MT-Diffusion Table 1", ours < base,
+            f"masked-region MSE {ours:.4f} (MT-Diffusion) vs {base:.4f} (best ddpm baseline)", len(rest))
+    labs = [r["labels"] for r in rows if r.get("labels")]
+    if labs:
+        a, s = statistics.fmean(x["mt_head"] for x in labs), statistics.fmean(x["supervised"] for x in labs)
+        add("the MT-Diffusion label head beats supervised training", "MT-Diffusion Fig. 6", a > s,
+            f"held-out accuracy {a:.3f} (head) vs {s:.3f} (supervised)", len(labs))
+    j, de, b = fd("unet/jointnet"), fd("unet/direct_extend"), fd("unet/ddpm")
+    if j is not None and de is not None:
+        add("JointNet keeps RGB quality, Direct Extend loses it", "JointNet Fig. 8", j < de,
+            f"RGB FD {j:.2f} (jointnet) vs {de:.2f} (direct extend); base model {b:.2f}" if b is not None else
+            f"RGB FD {j:.2f} (jointnet) vs {de:.2f} (direct extend)", summary["unet/jointnet"]["seeds"])
+    return out
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, torch {torch.__version__}"
+
+
+def markdown(report):
+    p, cks, s = report["profile"], report["profile"]["checkpoints"], report["summary"]
+    lines = [f"# Reproduction table ({report['profile_name']} profile)", "",
+             f"`{report['command']}` on {report['date']}; {report['hardware']}; {report['wall_s'] / 60:.1f} min.",
+             f"Seeds {list(p['seeds'])}; {p['image_size']}px shapes, batch {p['batch_size']}, lr {p['lr']}, "
+             f"checkpoints at {list(cks)} steps. FD / precision / recall: {p['n_eval']} DDIM-{p['eval_steps']} samples "
+             f"against {p['n_ref']} held-out images in the reference CNN's features (held-out accuracy "
+             f"{report['reference_accuracy']:.3f}); not comparable to Inception FIDs. ± is the std over seeds.", ""]
+    lines += ["## Claims", "", "| claim | paper | holds here? | evidence | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['source']} | {'yes' if c['holds'] else 'no'} | {c['evidence']} | {c['seeds']} |"
+              for c in report["claims"]]
+    fd_cols = " | ".join(f"FD@{c}" for c in cks)
+    for group, title in (("methods", "Methods"), ("weighting", "Loss weighting (UNet)"), ("mtdiff", "MT-Diffusion generation"),
+                         ("jointnet", "JointNet vs Direct Extend (RGB of joint samples)")):
+        names = list(dict.fromkeys(r["name"] for r in report["quality"] if r["group"] == group and r["name"] in s))
+        if not names:
+            continue
+        lines += ["", f"## {title}", "", f"| row | {fd_cols} | precision | recall | seeds |", "|---" * (len(cks) + 4) + "|"]
+        lines += [f"| {n} | " + " | ".join(fmt(s[n][f'fd@{c}']) for c in cks) +
+                  f" | {fmt(s[n]['precision'], 3)} | {fmt(s[n]['recall'], 3)} | {s[n]['seeds']} |" for n in names]
+    lines += ["", "## Unweighted training loss per timestep decile (last stretch of training)", "",
+              "Each row is the MSE of its own target (x0, eps or v), so compare within a target.", "",
+              "| row | " + " | ".join(f"t{i}" for i in range(10)) + " |", "|---" * 11 + "|"]
+    lines += [f"| {n} | " + " | ".join(fmt(b, 3) for b in v["loss_bins"]) + " |" for n, v in s.items()]
+    rest = [r for r in report["quality"] if r.get("restoration")]
+    if rest:
+        lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {p['mt_patches']} hidden patches)", "",
+                  "| method | masked-region MSE | unmasked change | perceptual distance | seeds |", "|---|---|---|---|---|"]
+        for k in rest[0]["restoration"]:
+            v = {m: mean_std([r["restoration"][k][m] for r in rest]) for m in ("masked_mse", "unmasked_change", "perceptual")}
+            lines.append(f"| {k} | {fmt(v['masked_mse'], 4)} | {fmt(v['unmasked_change'], 4)} | {fmt(v['perceptual'], 4)} | {len(rest)} |")
+    labs = [r["labels"] for r in report["quality"] if r.get("labels")]
+    if labs:
+        lines += ["", "## MT-Diffusion label head (held-out accuracy)", "", "| model | accuracy | seeds |", "|---|---|---|",
+                  f"| MT-Diffusion head (t = 0) | {fmt(mean_std([x['mt_head'] for x in labs]), 3)} | {len(labs)} |",
+                  f"| supervised, same network and steps | {fmt(mean_std([x['supervised'] for x in labs]), 3)} | {len(labs)} |"]
+    jn = [r for r in report["quality"] if r.get("depth")]
+    if jn:
+        lines += ["", "## JointNet: RGB forgetting and RGB -> depth", "",
+                  "| row | held-out RGB loss, first log | last log | AbsRel | RMSE (disparity) | another image's depth: AbsRel / RMSE | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for n in dict.fromkeys(r["name"] for r in jn):
+            rs = [r for r in jn if r["name"] == n]
+            v = lambda f: mean_std([f(r) for r in rs])
+            lines.append(f"| {n} | {fmt(v(lambda r: r['rgb_heldout']['first']), 4)} | {fmt(v(lambda r: r['rgb_heldout']['last']), 4)} | "
+                         f"{fmt(v(lambda r: r['depth']['abs_rel']), 4)} | {fmt(v(lambda r: r['depth']['rmse']), 4)} | "
+                         f"{fmt(v(lambda r: r['depth']['other_image_abs_rel']), 4)} / {fmt(v(lambda r: r['depth']['other_image_rmse']), 4)} | {len(rs)} |")
+    lines += ["", f"## Training speed (batch {p['batch_size']}, {p['image_size']}px, median of {p['speed_repeats']} interleaved "
+              f"repeats of {p['speed_steps']} steps)", "", "| backbone | method | parameters | trainable | images/s | ratio to ddpm |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['params']:,} | {r['trainable']:,} | {r['img_per_s']:.1f} | {r['ratio_to_ddpm']:.3f} |"
+              for r in report["speed"]]
+    lines += ["", f"## Sampling speed (batch {p['sample_n']}, untrained weights)", "", "| backbone | method | sampler | images/s |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['sampler']} | {r['img_per_s']:.2f} |" for r in report["sampling"]]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+def run(prof, name, runs, cache=None, command=""):
+    t0 = time.time()
+    os.makedirs(runs, exist_ok=True)
+    scorer = Scorer(prof, cache)
+    quality = quality_rows(prof, scorer, runs)
+    if has_module("mtdiffusion"):
+        quality += mtdiff_rows(prof, scorer, runs, quality)
+    if has_module("jointnet"):
+        quality += jointnet_rows(prof, scorer, runs, quality)
+    print("[bench] speed", flush=True)
+    speed = [r for a in prof["arches"] for r in training_speed(prof, a, base_checkpoint(quality, prof["seeds"][0]) if a == "unet" else None)]
+    sampling = [r for a in prof["arches"] for r in sampling_speed(prof, a)]
+    summary = summarize(quality, prof["checkpoints"])
+    return dict(profile_name=name, profile=prof, command=command, date=datetime.date.today().isoformat(),
+                hardware=hardware(), wall_s=time.time() - t0, reference_accuracy=scorer.info["accuracy"],
+                quality=[{k: v for k, v in r.items() if k != "log"} for r in quality], summary=summary,
+                claims=claims(summary, quality, prof["checkpoints"]), speed=speed, sampling=sampling)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    for name in PROFILES:
+        g.add_argument(f"--{name}", dest="profile", action="store_const", const=name, help=f"the {name} profile")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    p.add_argument("--runs", help="folder for the training runs (default runs/bench-PROFILE; its runs are overwritten)")
+    p.add_argument("--json", default="bench.json", help="where to write every number")
+    p.add_argument("--md", default="bench.md", help="where to write the markdown tables")
+    p.add_argument("--cache", help="folder for the reference net (metrics.py)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.exit(f"error: --threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    name = args.profile or "quick"
+    prof = copy.deepcopy(PROFILES[name])
+    if args.seeds:
+        prof["seeds"] = tuple(args.seeds)
+    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        report = run(prof, name, args.runs or os.path.join("runs", f"bench-{name}"), args.cache, command.strip())
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(args.md, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {args.json} and {args.md} in {report['wall_s'] / 60:.1f} min")
+    return report
+
+
+if __name__ == "__main__":
+    main()

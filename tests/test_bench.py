@@ -1,0 +1,124 @@
+"""bench.py: the tiny profile end to end (a few steps of every row), and its summary logic by hand."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one thread avoids thread hand-off costs, which dominate on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp / "cache"))
+    try:
+        report = bench.main(["--tiny", "--runs", str(tmp / "runs"), "--json", str(tmp / "bench.json"),
+                             "--md", str(tmp / "bench.md")])
+    finally:
+        mp.undo()
+    return tmp, report
+
+
+def test_tiny_profile_writes_json_with_every_section(tiny):
+    tmp, report = tiny
+    saved = json.load(open(tmp / "bench.json"))
+    assert saved["profile_name"] == "tiny" and saved["command"].startswith("python bench.py --tiny")
+    steps = [str(s) for s in bench.PROFILES["tiny"]["checkpoints"]]
+    scored = [r for r in saved["quality"] if "scores" in r]
+    groups = {r["group"] for r in scored}
+    assert {"methods", "weighting"} <= groups
+    for r in scored:
+        assert list(r["scores"]) == steps
+        for s in r["scores"].values():
+            assert math.isfinite(s["fd"]) and s["fd"] >= 0 and 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
+        assert len(r["loss_bins"]) == 10
+    archs = {(r["arch"], r["method"]) for r in scored}
+    assert {("unet", "ddpm"), ("unet", "dtr"), ("dit", "ddpm")} <= archs
+    for a in bench.PROFILES["tiny"]["arches"]:
+        ddpm = [r for r in saved["speed"] if r["arch"] == a and r["method"] == "ddpm"]
+        assert len(ddpm) == 1 and ddpm[0]["ratio_to_ddpm"] == 1.0
+    assert all(r["img_per_s"] > 0 and r["params"] >= r["trainable"] > 0 for r in saved["speed"])
+    assert {r["sampler"].split("-")[0] for r in saved["sampling"]} == {"DDIM", "DDPM"}
+    assert all(isinstance(c["holds"], bool) and c["seeds"] == 1 for c in saved["claims"])
+
+
+def test_tiny_profile_writes_well_formed_markdown(tiny):
+    tmp, report = tiny
+    text = open(tmp / "bench.md").read()
+    assert text == bench.markdown(report)
+    assert text.startswith("# Reproduction table (tiny profile)")
+    for title in ("## Claims", "## Methods", "## Loss weighting", "## Training speed", "## Sampling speed"):
+        assert title in text
+    # Every table: a header, a |---| separator with as many columns, and rows with as many cells.
+    blocks = [b for b in text.split("\n\n") if b.startswith("|")]
+    assert len(blocks) >= 5
+    for b in blocks:
+        lines = b.strip().split("\n")
+        n = lines[0].count("|")
+        assert set(lines[1].replace("|", "")) == {"-"} and lines[1].count("|") == n
+        assert all(line.count("|") == n for line in lines[2:]), b
+        assert len(lines) >= 3
+
+
+def test_loss_bins_average_the_last_stretch():
+    log = [{"step": 2, "loss_bins": [1.0] * 10},
+           {"step": 4, "loss_bins": [2.0, None] + [3.0] * 8},
+           {"step": 6, "loss_bins": [4.0, None] + [5.0] * 8}]
+    assert bench.loss_bins(log, after_step=2) == [3.0, None] + [4.0] * 8
+    # Nothing after step 6: every record counts; bin 1 only has the first record's value.
+    assert bench.loss_bins(log, after_step=6) == pytest.approx([7 / 3, 1.0] + [3.0] * 8)
+
+
+def test_rows_with_identical_training_share_a_run():
+    prof = {**bench.PROFILES["quick"], "arches": ("unet",)}
+    keys = [bench.run_key(s) for s in bench.quality_specs(prof)]
+    names = [s["name"] for s in bench.quality_specs(prof)]
+    # --method minsnr is eps-prediction with min-SNR-5: the same training as the weighting row eps/min_snr.
+    assert keys[names.index("unet/minsnr")] == keys[names.index("unet/eps/min_snr")]
+    assert keys[names.index("unet/ddpm")] != keys[names.index("unet/eps/snr")]
+    assert len(set(keys)) == len(keys) - 1
+
+
+def _summary(fd):
+    """A summary as summarize() writes it, from {row: [FD per checkpoint]} with one seed."""
+    out = {}
+    for name, vals in fd.items():
+        s = {f"fd@{c}": {"mean": v, "std": 0.0, "n": 1} for c, v in zip((1, 2), vals)}
+        s["fd_mean"], s["seeds"] = {"mean": sum(vals) / len(vals), "std": 0.0, "n": 1}, 1
+        out[name] = s
+    return out
+
+
+def test_claims_compare_the_right_rows():
+    s = _summary({"unet/ddpm": [10, 8], "unet/dtr": [9, 7], "unet/rtr": [11, 9], "unet/minsnr": [9.5, 7.5],
+                  "unet/dtr_minsnr": [8, 6.5]})
+    c = {x["claim"]: x for x in bench.claims(s, [], (1, 2))}
+    assert c["DTR lowers FD (unet)"]["holds"] and c["DTR converges faster (unet)"]["holds"]
+    assert c["random routing (R-TR) degrades ddpm (unet)"]["holds"]
+    assert c["DTR + Min-SNR beats either alone (unet)"]["holds"]
+    s = _summary({"unet/ddpm": [10, 8], "unet/dtr": [11, 9]})
+    c = {x["claim"]: x for x in bench.claims(s, [], (1, 2))}
+    assert not c["DTR lowers FD (unet)"]["holds"] and "9.00 (dtr) vs 8.00 (ddpm)" in c["DTR lowers FD (unet)"]["evidence"]
+    w = _summary({f"unet/v/{k}": [v, v] for k, v in zip(bench.WEIGHTINGS, (4.0, 3.0, 5.0, 2.0))})
+    c = {x["claim"]: x for x in bench.claims(w, [], (1, 2))}
+    assert c["min-SNR-5 converges fastest (v-prediction)"]["holds"]
+
+
+def test_mean_std_and_format():
+    assert bench.mean_std([1.0, 3.0, None]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
+    assert bench.fmt(bench.mean_std([1.0, 3.0])) == "2.00 ± 1.41"
+    assert bench.fmt(bench.mean_std([2.5])) == "2.50" and bench.fmt(None) == "-"
