@@ -56,6 +56,7 @@ import torch.nn.functional as F
 import diffusion
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
 
+SHAPE_KEYS = ("dense_modality",)  # config keys beyond train.ARCH_KEYS that a resume must keep
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
 SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
 

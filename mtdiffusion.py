@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from diffusion import Schedule, ddim_step, extract, q_sample, snr, split_prediction, timestep_subset, training_target
 
 TASKS = ("masked", "label", "translate")
+SHAPE_KEYS = ("task", "mt_variant", "mt_head")  # config keys that change the network: a resume must keep them
 WEIGHTS = ("paper", "const", "ramp", "sigma")
 
 

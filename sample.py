@@ -126,6 +126,8 @@ def main(argv=None):
         model, cfg, sched = train.load_run(path, ema=not args.raw, device=device)
         if args.steps is not None and not 1 <= args.steps <= cfg["T"]:
             raise ValueError(f"--steps must be in [1, {cfg['T']}], got {args.steps}")
+        if args.mode == "generate" and cfg["method"] in train.METHOD_MODULES:  # a method's joint sampler
+            args.mode = importlib.import_module(train.METHOD_MODULES[cfg["method"]]).SAMPLE_MODES[0]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "samples", args.mode)
         if args.mode != "generate":
             return mode_owners()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)

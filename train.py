@@ -194,7 +194,9 @@ def load_checkpoint(path):
 
 
 def check_compatible(saved, cfg, what="the checkpoint"):
-    for k in ARCH_KEYS:
+    method = METHOD_MODULES.get(cfg.get("method"))
+    extra = getattr(importlib.import_module(method), "SHAPE_KEYS", ()) if method else ()
+    for k in ARCH_KEYS + tuple(extra):
         if saved.get(k) != cfg.get(k):
             raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; "
                            f"use matching settings or another --out")
@@ -474,4 +476,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("train", sys.modules[__name__])  # the methods' `import train` must find this module
     main()

@@ -12,15 +12,6 @@ from dit import DiTBlock, build_dit
 from unet import AttentionBlock, ResBlock, UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is fastest and does not stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_unet():
     return UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_ds=(2,))
 

@@ -14,14 +14,6 @@ from dit import build_dit
 from unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscribing a busy machine (10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(task="masked", variant="U", arch="unet", T=1000, weights="sigma", scale=1.0, head="M", size=16):
     K = 4 if task == "label" else 0
