@@ -105,3 +105,16 @@ def test_bad_inputs_give_one_clear_sentence(tmp_path, trained, capsys):
     (bad / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])
     assert "corrupt or truncated" in error_of(run, bad, "--resume")
     assert "corrupt or truncated" in error_of(sample.main, ["--ckpt", str(bad / "checkpoint.pt")])
+
+
+@pytest.mark.parametrize("method, model", [("minsnr", "unet-cpu"), ("dtr", "unet-cpu"), ("dtr", "DiT-T/4"),
+                                           ("rtr", "unet-cpu"), ("dtr_minsnr", "DiT-T/4")])
+def test_each_preset_trains_with_falling_loss(tmp_path, method, model):
+    out = tmp_path / "r"
+    train.main([*TINY, "--out", str(out), "--method", method, "--model", model, "--steps", "40", "--lr", "2e-3",
+                "--log-every", "10", "--warmup", "5"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["routing"] == {"minsnr": "none", "dtr": "dtr", "rtr": "random", "dtr_minsnr": "dtr"}[method]
+    assert cfg["weighting"] == ("min_snr" if "minsnr" in method else "none")
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], [r["loss"] for r in log]
