@@ -1,7 +1,7 @@
 """
 The one sampling CLI: load a checkpoint written by train.py and draw samples.
 
-    python sample.py --ckpt runs/default/checkpoint.pt                       # 64 DDIM-50 samples, EMA weights
+    python sample.py --ckpt runs/default/checkpoint.pt                       # 64 DDIM-50 (eta 1) samples, EMA weights
     python sample.py --ckpt RUN/checkpoint.pt --sampler ddpm --steps 1000   # full ancestral DDPM
     python sample.py --ckpt RUN/checkpoint.pt --cfg-scale 3 --class 2       # classifier-free guidance
     torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --num-samples 50000  # one .npz
@@ -87,7 +87,8 @@ def get_parser():
     a("--batch", type=int, default=64, help="samples per forward pass")
     a("--sampler", choices=["ddim", "ddpm"], default="ddim")
     a("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")
-    a("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
+    a("--eta", type=float, default=1.0, help="DDIM eta (1: ancestral, the respaced DDPM step; 0: deterministic, "
+      "which needs a longer-trained model)")
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
     a("--class", dest="cls", type=int, help="class label for every sample (default: cycle through classes)")
     a("--seed", type=int, default=0)
