@@ -61,8 +61,10 @@ WEIGHTINGS = ("const", "snr", "max_snr", "min_snr")
 #   grid_steps       DDIM steps of the sample grid train.py writes; rgb_heldout: jointnet.py's logged RGB batch
 #   speed_*          optimiser steps per timing and interleaved repeats; sample_n: batch of the sampling timings
 #   n_restore        held-out images for restoration, label and depth scores; mt_patches: hidden patches
+#   workers          data-loader processes of train.py (0: render in the training process)
 _COMMON = dict(models={"unet": "unet-cpu", "dit": "DiT-T/4"}, arches=("unet", "dit"), methods=METHODS,
-               targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None)
+               targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None,
+               workers=0)
 PROFILES = {
     # Seconds of CPU: one or two steps of every row, for the test suite.
     "tiny": {**_COMMON, **dict(image_size=16, batch_size=8, lr=1e-3, warmup=1, checkpoints=(1, 2), seeds=(0,),
@@ -80,7 +82,7 @@ PROFILES = {
     "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
                                seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
                                rgb_heldout=64, speed_steps=20, speed_repeats=5, sample_n=64, n_restore=500,
-                               mt_patches=5)},
+                               mt_patches=5, workers=4)},
 }
 
 
@@ -110,7 +112,7 @@ def common_flags(prof, arch, seed):
     return ["--model", p["models"][arch], "--image-size", str(p["image_size"]), "--batch-size", str(p["batch_size"]),
             "--lr", str(p["lr"]), "--warmup", str(p["warmup"]), "--log-every", str(p["log_every"]),
             "--ckpt-every", str(p["checkpoints"][-1]), "--sample-every", str(p["checkpoints"][-1]),
-            "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", "0"]
+            "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", str(p["workers"])]
 
 
 def train_in_segments(out, flags, checkpoints, on_checkpoint):
@@ -144,17 +146,22 @@ def loss_bins(log, after_step):
 # Scoring
 
 class Scorer:
-    """The reference net and the features of n_ref held-out real images, computed once per profile."""
+    """The reference net and the features of n_ref held-out real images, computed once per profile. FD uses
+    all n_ref; precision/recall the first n_eval, since both depend on the sizes of the two sets (as equal
+    sizes in Kynkaanniemi et al.)."""
 
     def __init__(self, prof, cache=None):
         S = prof["image_size"]
         self.net, self.info = metrics.load_feature_net("shapes", S, 0, "trained", cache, **prof["featnet"])
         self.net = self.net.to(DEVICE)
         self.ref = metrics.extract_features(self.net, metrics.reference_images("shapes", S, prof["n_ref"]), device=DEVICE)
+        # The floor: n_eval further held-out real images scored like samples (FD > 0 from finite N alone).
+        _, held, _ = metrics.reference_split("shapes", S)
+        self.floor = self(metrics.stack_items(held, prof["n_eval"], prof["n_ref"])[0])
 
     def __call__(self, images):
         feats = metrics.extract_features(self.net, images, device=DEVICE)
-        p, r = metrics.precision_recall(self.ref, feats)
+        p, r = metrics.precision_recall(self.ref[:len(feats)], feats)
         return {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r}
 
 
@@ -201,8 +208,12 @@ def quality_specs(prof):
 
 
 def run_key(spec):
+    """What a row's training depends on. Weighting 'snr' for eps and 'const' for x0 are weight 1, i.e. the
+    unweighted loss (minsnr.py), so those rows share the run of weighting 'none'."""
     axes = {"target": "eps", "weighting": "none", "routing": "none", **train.METHODS[spec["method"]]}
     axes.update({k: spec[k] for k in ("target", "weighting") if k in spec})
+    if (axes["target"], axes["weighting"]) in (("eps", "snr"), ("x0", "const")):
+        axes["weighting"] = "none"
     return (spec["arch"], axes["target"], axes["weighting"], axes["routing"])
 
 
@@ -500,36 +511,43 @@ def fmt(ms, digits=2):
     return f"{ms['mean']:.{digits}f}" + (f" ± {ms['std']:.{digits}f}" if ms["n"] > 1 else "")
 
 
-def claims(summary, rows, checkpoints):
-    """Each paper claim that this profile's rows can test: (claim, source, holds, evidence, seeds)."""
+def claims(summary, rows, checkpoints, noise=None):
+    """Each paper claim this profile's rows can test: claim, source, holds, evidence, seeds, and for FD
+    claims the deciding margin; `within_noise` marks margins smaller than `noise` (the FD change from
+    re-sampling one checkpoint, or the std over seeds), where one seed cannot tell the rows apart."""
     last, out = f"fd@{checkpoints[-1]}", []
     def fd(name, key=last):
         return summary[name][key]["mean"] if name in summary and summary[name][key] else None
-    def add(claim, source, holds, evidence, seeds):
-        out.append(dict(claim=claim, source=source, holds=bool(holds), evidence=evidence, seeds=seeds))
+    def add(claim, source, holds, evidence, seeds, margin=None):
+        c = dict(claim=claim, source=source, holds=bool(holds), evidence=evidence, seeds=seeds)
+        if margin is not None:
+            c.update(margin=margin, within_noise=noise is not None and abs(margin) < noise)
+        out.append(c)
     for a in ("unet", "dit"):
         d, r, b, dm, ms = (fd(f"{a}/{m}") for m in ("dtr", "rtr", "ddpm", "dtr_minsnr", "minsnr"))
         n = summary.get(f"{a}/ddpm", {}).get("seeds", 0)
         if d is not None and b is not None:
-            add(f"DTR lowers FD ({a})", "DTR Table 1", d < b, f"FD {d:.2f} (dtr) vs {b:.2f} (ddpm)", n)
+            add(f"DTR lowers FD ({a})", "DTR Table 1", d < b, f"FD {d:.2f} (dtr) vs {b:.2f} (ddpm)", n, b - d)
             early = [(fd(f"{a}/dtr", f"fd@{c}"), fd(f"{a}/ddpm", f"fd@{c}")) for c in checkpoints[:-1]]
             if early:
                 wins = sum(x < y for x, y in early)
                 add(f"DTR converges faster ({a})", "DTR Fig. 5", wins == len(early),
-                    f"DTR below ddpm at {wins} of {len(early)} earlier checkpoints", n)
+                    f"DTR below ddpm at {wins} of {len(early)} earlier checkpoints (FD " +
+                    ", ".join(f"{x:.2f} vs {y:.2f}" for x, y in early) + ")", n, min(y - x for x, y in early))
         if r is not None and d is not None and b is not None:
             add(f"random routing (R-TR) degrades ddpm ({a})", "DTR Table 1", r > b,
-                f"FD {r:.2f} (rtr) vs {b:.2f} (ddpm), {d:.2f} (dtr)", n)
+                f"FD {r:.2f} (rtr) vs {b:.2f} (ddpm), {d:.2f} (dtr)", n, r - b)
         if dm is not None and d is not None and ms is not None:
             add(f"DTR + Min-SNR beats either alone ({a})", "DTR Table 2", dm < min(d, ms),
-                f"FD {dm:.2f} (dtr_minsnr) vs {d:.2f} (dtr), {ms:.2f} (minsnr)", n)
+                f"FD {dm:.2f} (dtr_minsnr) vs {d:.2f} (dtr), {ms:.2f} (minsnr)", n, min(d, ms) - dm)
     for t in ("x0", "eps", "v"):
         names = [f"unet/{t}/{w}" for w in WEIGHTINGS]
         if all(x in summary for x in names):
             auc = {w: summary[x]["fd_mean"]["mean"] for w, x in zip(WEIGHTINGS, names)}
-            best = min(auc, key=auc.get)
-            add(f"min-SNR-5 converges fastest ({t}-prediction)", "Min-SNR Fig. 5", best == "min_snr",
-                "mean FD over checkpoints: " + ", ".join(f"{w} {v:.2f}" for w, v in auc.items()), summary[names[0]]["seeds"])
+            others = min(v for w, v in auc.items() if w != "min_snr")
+            add(f"min-SNR-5 converges fastest ({t}-prediction)", "Min-SNR Fig. 5", auc["min_snr"] < others,
+                "mean FD over checkpoints: " + ", ".join(f"{w} {v:.2f}" for w, v in auc.items()),
+                summary[names[0]]["seeds"], others - auc["min_snr"])
     rest = [r["restoration"] for r in rows if r.get("restoration")]
     if rest:
         mse = {k: statistics.fmean(x[k]["masked_mse"] for x in rest) for k in rest[0]}
@@ -542,12 +560,30 @@ def claims(summary, rows, checkpoints):
         a, s = statistics.fmean(x["mt_head"] for x in labs), statistics.fmean(x["supervised"] for x in labs)
         add("the MT-Diffusion label head beats supervised training", "MT-Diffusion Fig. 6", a > s,
             f"held-out accuracy {a:.3f} (head) vs {s:.3f} (supervised)", len(labs))
-    j, de, b = fd("unet/jointnet"), fd("unet/direct_extend"), fd("unet/ddpm")
-    if j is not None and de is not None:
-        add("JointNet keeps RGB quality, Direct Extend loses it", "JointNet Fig. 8", j < de,
-            f"RGB FD {j:.2f} (jointnet) vs {de:.2f} (direct extend); base model {b:.2f}" if b is not None else
-            f"RGB FD {j:.2f} (jointnet) vs {de:.2f} (direct extend)", summary["unet/jointnet"]["seeds"])
+    jn = {m: [r for r in rows if r.get("method") == m and r.get("rgb_heldout", {}).get("first") is not None]
+          for m in ("jointnet", "direct_extend")}
+    if all(jn.values()):
+        rise = {m: statistics.fmean(r["rgb_heldout"]["last"] / r["rgb_heldout"]["first"] - 1 for r in rs)
+                for m, rs in jn.items()}
+        j, de = fd("unet/jointnet"), fd("unet/direct_extend")
+        add("JointNet keeps RGB quality, Direct Extend loses it", "JointNet Fig. 8",
+            rise["direct_extend"] > max(rise["jointnet"], 0),
+            f"held-out RGB loss {100 * rise['jointnet']:+.1f}% (jointnet) vs {100 * rise['direct_extend']:+.1f}% "
+            f"(direct extend) over training; RGB FD {j:.2f} vs {de:.2f}", len(jn["jointnet"]))
     return out
+
+
+def fd_noise(prof, scorer, rows, summary):
+    """How much FD moves without any change to training: the final unet/ddpm checkpoint re-sampled with
+    other noise, and (with several seeds) the largest std over seeds of a row's final FD."""
+    base = next((r for r in rows if r["name"] == "unet/ddpm"), None)
+    if base is None:
+        return {"fd": None}
+    model, cfg, sched = train.load_run(os.path.join(base["out"], "checkpoint.pt"), device=DEVICE)
+    again = scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1))["fd"]
+    resample = abs(again - base["scores"][str(prof["checkpoints"][-1])]["fd"])
+    seed_std = max((v[f"fd@{prof['checkpoints'][-1]}"]["std"] for v in summary.values()), default=0.0)
+    return {"fd": max(resample, seed_std), "resample": resample, "seed_std": seed_std}
 
 
 def hardware():
@@ -565,11 +601,17 @@ def markdown(report):
              f"`{report['command']}` on {report['date']}; {report['hardware']}; {report['wall_s'] / 60:.1f} min.",
              f"Seeds {list(p['seeds'])}; {p['image_size']}px shapes, batch {p['batch_size']}, lr {p['lr']}, "
              f"checkpoints at {list(cks)} steps. FD / precision / recall: {p['n_eval']} DDIM-{p['eval_steps']} samples "
-             f"against {p['n_ref']} held-out images in the reference CNN's features (held-out accuracy "
-             f"{report['reference_accuracy']:.3f}); not comparable to Inception FIDs. ± is the std over seeds.", ""]
+             f"against {p['n_ref']} held-out images (precision/recall: the first {p['n_eval']}) in the reference CNN's "
+             f"features (held-out accuracy "
+             f"{report['reference_accuracy']:.3f}); not comparable to Inception FIDs. ± is the std over seeds.",
+             f"Noise: {p['n_eval']} more held-out real images score FD {report['fd_floor']['fd']:.2f} (precision "
+             f"{report['fd_floor']['precision']:.3f}, recall {report['fd_floor']['recall']:.3f}): the floor at this N. " +
+             (f"Re-sampling the final unet/ddpm checkpoint with other noise moves its FD by {report['fd_noise']['resample']:.2f}"
+              f"; FD differences below {report['fd_noise']['fd']:.2f} are marked 'within noise'." if report["fd_noise"]["fd"] is not None else ""),
+             ""]
     lines += ["## Claims", "", "| claim | paper | holds here? | evidence | seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['source']} | {'yes' if c['holds'] else 'no'} | {c['evidence']} | {c['seeds']} |"
-              for c in report["claims"]]
+    lines += [f"| {c['claim']} | {c['source']} | {'yes' if c['holds'] else 'no'}{' (within noise)' if c.get('within_noise') else ''}"
+              f" | {c['evidence']} | {c['seeds']} |" for c in report["claims"]]
     fd_cols = " | ".join(f"FD@{c}" for c in cks)
     for group, title in (("methods", "Methods"), ("weighting", "Loss weighting (UNet)"), ("mtdiff", "MT-Diffusion generation"),
                          ("jointnet", "JointNet vs Direct Extend (RGB of joint samples)")):
@@ -632,10 +674,12 @@ def run(prof, name, runs, cache=None, command=""):
     speed = [r for a in prof["arches"] for r in training_speed(prof, a, base_checkpoint(quality, prof["seeds"][0]) if a == "unet" else None)]
     sampling = [r for a in prof["arches"] for r in sampling_speed(prof, a)]
     summary = summarize(quality, prof["checkpoints"])
+    noise = fd_noise(prof, scorer, quality, summary)
     return dict(profile_name=name, profile=prof, command=command, date=datetime.date.today().isoformat(),
                 hardware=hardware(), wall_s=time.time() - t0, reference_accuracy=scorer.info["accuracy"],
-                quality=[{k: v for k, v in r.items() if k != "log"} for r in quality], summary=summary,
-                claims=claims(summary, quality, prof["checkpoints"]), speed=speed, sampling=sampling)
+                fd_floor=scorer.floor, fd_noise=noise, summary=summary, speed=speed, sampling=sampling,
+                quality=[{k: v for k, v in r.items() if k != "log"} for r in quality],
+                claims=claims(summary, quality, prof["checkpoints"], noise["fd"]))
 
 
 def main(argv=None):

@@ -14,8 +14,10 @@ What is implemented:
                           of two feature sets, with scipy.linalg.sqrtm and the usual safeguards
     precision_recall      k-NN manifolds (k = 3): precision = share of generated features inside the real
                           manifold, recall = share of real features inside the generated manifold
-    FeatureNet            the reference network: a 4-stage CNN trained deterministically on the shapes
-                          labels, cached, retrained when missing; features = its pooled last stage
+    FeatureNet            the reference network: a 4-stage CNN (0.1M parameters) trained deterministically on
+                          the shapes labels (4,096 train images, 400 Adam steps; held-out accuracy about 0.85,
+                          chance 0.25), cached per (data, size, seed), retrained when missing or unreadable;
+                          features = its pooled last stage (128-d)
     evaluate_images       FD, precision and recall of generated images against held-out real images
     restoration           masked_region_mse, unmasked_change, psnr, perceptual_distance
     segmentation          pixel_accuracy, class_iou, mean_iou
@@ -31,8 +33,8 @@ Differences from the papers, said plainly:
       ImageNet/CIFAR FIDs; they only rank models evaluated with the same reference net (same data, image
       size and seed) and the same number of images (FD is biased upwards for small N).
     - Folder or .npz datasets: `--features trained` trains the same CNN on the dataset's labels (it needs
-      at least two classes); `--features random` uses the CNN at a fixed random initialisation, which needs
-      no labels. Random features still separate distributions (FD = 0 only for matching statistics) but
+      at least two classes; the last 10% of items are held out for its accuracy and as the real images);
+      `--features random` uses the CNN at a fixed random initialisation, which needs no labels. Random features still separate distributions (FD = 0 only for matching statistics) but
       weigh low-level statistics more than shape semantics; report which one you used.
     - MT-Diffusion reports LPIPS, which needs VGG weights; perceptual_distance is LPIPS's formula
       (unit-normalised channels per stage, squared difference, spatial mean, summed over stages, no

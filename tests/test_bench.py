@@ -79,10 +79,12 @@ def test_rows_with_identical_training_share_a_run():
     prof = {**bench.PROFILES["quick"], "arches": ("unet",)}
     keys = [bench.run_key(s) for s in bench.quality_specs(prof)]
     names = [s["name"] for s in bench.quality_specs(prof)]
-    # --method minsnr is eps-prediction with min-SNR-5: the same training as the weighting row eps/min_snr.
+    # --method minsnr is eps-prediction with min-SNR-5: the same training as the weighting row eps/min_snr;
+    # the SNR weight of eps-prediction is 1, the unweighted loss of ddpm.
     assert keys[names.index("unet/minsnr")] == keys[names.index("unet/eps/min_snr")]
-    assert keys[names.index("unet/ddpm")] != keys[names.index("unet/eps/snr")]
-    assert len(set(keys)) == len(keys) - 1
+    assert keys[names.index("unet/ddpm")] == keys[names.index("unet/eps/snr")]
+    assert keys[names.index("unet/ddpm")] != keys[names.index("unet/eps/const")]
+    assert len(set(keys)) == len(keys) - 2
 
 
 def _summary(fd):
@@ -102,12 +104,26 @@ def test_claims_compare_the_right_rows():
     assert c["DTR lowers FD (unet)"]["holds"] and c["DTR converges faster (unet)"]["holds"]
     assert c["random routing (R-TR) degrades ddpm (unet)"]["holds"]
     assert c["DTR + Min-SNR beats either alone (unet)"]["holds"]
+    assert c["DTR lowers FD (unet)"]["margin"] == 1 and not c["DTR lowers FD (unet)"]["within_noise"]
+    c = {x["claim"]: x for x in bench.claims(s, [], (1, 2), noise=0.75)}  # margins: 1 and 7 - 6.5 = 0.5
+    assert not c["DTR lowers FD (unet)"]["within_noise"] and c["DTR + Min-SNR beats either alone (unet)"]["within_noise"]
     s = _summary({"unet/ddpm": [10, 8], "unet/dtr": [11, 9]})
     c = {x["claim"]: x for x in bench.claims(s, [], (1, 2))}
     assert not c["DTR lowers FD (unet)"]["holds"] and "9.00 (dtr) vs 8.00 (ddpm)" in c["DTR lowers FD (unet)"]["evidence"]
     w = _summary({f"unet/v/{k}": [v, v] for k, v in zip(bench.WEIGHTINGS, (4.0, 3.0, 5.0, 2.0))})
     c = {x["claim"]: x for x in bench.claims(w, [], (1, 2))}
     assert c["min-SNR-5 converges fastest (v-prediction)"]["holds"]
+    assert c["min-SNR-5 converges fastest (v-prediction)"]["margin"] == 1.0
+
+
+def test_jointnet_claim_reads_the_held_out_rgb_loss():
+    s = _summary({"unet/jointnet": [5, 5], "unet/direct_extend": [6, 6]})
+    rows = [dict(method="jointnet", rgb_heldout={"first": 0.10, "last": 0.10}),
+            dict(method="direct_extend", rgb_heldout={"first": 0.10, "last": 0.12})]
+    c = bench.claims(s, rows, (1, 2))[-1]
+    assert c["source"] == "JointNet Fig. 8" and c["holds"] and "+20.0% (direct extend)" in c["evidence"]
+    rows[1]["rgb_heldout"]["last"] = 0.09  # Direct Extend did not forget
+    assert not bench.claims(s, rows, (1, 2))[-1]["holds"]
 
 
 def test_mean_std_and_format():
