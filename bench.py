@@ -23,8 +23,8 @@ Rows and the claims they test:
     jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (Fig. 8),
                 RGB -> depth AbsRel / RMSE (Table 2's metrics)
     speed       training images/s of every method side by side in one process (interleaved repeats,
-                median), its ratio to ddpm on the same backbone, parameter counts; sampling images/s
-                of DDPM and DDIM-50
+                best of each), its ratio to ddpm on the same backbone, parameter counts; sampling
+                images/s of DDPM and DDIM-50
 Writes bench.json (every number) and bench.md (the tables and a verdict per claim with its seed count).
 
 Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
@@ -57,14 +57,15 @@ METHODS = ("ddpm", "minsnr", "dtr", "rtr", "dtr_minsnr")
 WEIGHTINGS = ("const", "snr", "max_snr", "min_snr")
 # What every profile sets. Rows share all of it: same data, image size, batch, steps, lr and seeds.
 #   checkpoints      steps at which each run is scored (FD / precision / recall); the last is the run length
-#   n_eval, n_ref    generated and held-out real images per score; eval_steps: DDIM steps of those samples
+#   n_eval, n_ref    generated and held-out real images per score; eval_steps, eval_eta: their DDIM sampler
+#                    (eta 0: deterministic, so every row maps the same noise to its samples)
 #   grid_steps       DDIM steps of the sample grid train.py writes; rgb_heldout: jointnet.py's logged RGB batch
 #   speed_*          optimiser steps per timing and interleaved repeats; sample_n: batch of the sampling timings
 #   n_restore        held-out images for restoration, label and depth scores; mt_patches: hidden patches
 #   workers          data-loader processes of train.py (0: render in the training process)
 _COMMON = dict(models={"unet": "unet-cpu", "dit": "DiT-T/4"}, arches=("unet", "dit"), methods=METHODS,
                targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None,
-               workers=0)
+               workers=0, eval_eta=0.0)
 PROFILES = {
     # Seconds of CPU: one or two steps of every row, for the test suite.
     "tiny": {**_COMMON, **dict(image_size=16, batch_size=8, lr=1e-3, warmup=1, checkpoints=(1, 2), seeds=(0,),
@@ -76,12 +77,12 @@ PROFILES = {
     # About 20 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
     "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
                                 seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
-                                rgb_heldout=16, speed_steps=5, speed_repeats=3, sample_n=16, n_restore=64,
+                                rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
                                 mt_patches=3)},
     # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
     "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
                                seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
-                               rgb_heldout=64, speed_steps=20, speed_repeats=5, sample_n=64, n_restore=500,
+                               rgb_heldout=64, speed_steps=10, speed_repeats=7, sample_n=64, n_restore=500,
                                mt_patches=5, workers=4)},
 }
 
@@ -165,23 +166,35 @@ class Scorer:
         return {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r}
 
 
-def sample_fn(cfg):
-    m = train.METHOD_MODULES.get(cfg["method"])
-    return importlib.import_module(m).sample_rows if m else train.default_samples
-
-
 @torch.no_grad()
-def generate(model, sched, cfg, n, steps, seed, batch=256):
-    """n samples (the image row of the method's sample grid), DDIM with `steps`; the same noise for every row."""
-    fn, c = sample_fn(cfg), {**cfg, "sample_steps": steps}
+def generate(model, sched, cfg, n, steps, seed, eta=0.0, batch=256):
+    """n images from a run's model by DDIM(steps, eta) with the same noise for every row (bench fixes the
+    sampler itself, whatever train.py's sample grids use): the plain sampler for the ddpm family,
+    Algorithm 1's jointly generated image for MT-Diffusion, the RGB half of joint samples for JointNet and
+    Direct Extend. Labels cycle through the classes."""
     g = torch.Generator(DEVICE).manual_seed(10_000 + seed)
-    return torch.cat([fn(model, sched, c, min(batch, n - i), g, DEVICE)[0].float().cpu() for i in range(0, n, batch)])
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        shape = (b, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        if cfg["method"] == "mtdiff":
+            import mtdiffusion as mt
+            x = mt.mt_sample(model, sched, shape, steps, eta, target=cfg["target"], generator=g, device=DEVICE)[0]
+        elif cfg["method"] in ("jointnet", "direct_extend"):
+            import jointnet as jn
+            x = jn.sample_joint(model, sched, cfg, b, steps, batch=b, eta=eta, generator=g, device=DEVICE)[0]
+        else:
+            y = torch.arange(b, device=DEVICE) % cfg["num_classes"] if cfg["num_classes"] else None
+            fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+            x = diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=g, device=DEVICE)
+        out.append(x.float().cpu())                                                  # (b, C, S, S)
+    return torch.cat(out)
 
 
 def score_checkpoint(prof, scorer, seed):
     def on_checkpoint(path, step):
         model, cfg, sched = train.load_run(path, device=DEVICE)
-        return scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed))
+        return scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
     return on_checkpoint
 
 
@@ -438,12 +451,13 @@ def training_speed(prof, arch, init):
     times = {s["method"]: [] for s in setups}
     for s in setups:
         timed_steps(s, batch, sched, 1)  # warm-up
-    for _ in range(prof["speed_repeats"]):  # interleaved: a busy machine slows every method alike
+    # Interleaved repeats, best of each: a busy machine only ever slows a repeat down.
+    for _ in range(prof["speed_repeats"]):
         for s in setups:
             times[s["method"]].append(timed_steps(s, batch, sched, prof["speed_steps"]))
     rows = []
     for s in setups:
-        ips = B * prof["speed_steps"] / statistics.median(times[s["method"]])
+        ips = B * prof["speed_steps"] / min(times[s["method"]])
         rows.append(dict(arch=arch, model=prof["models"][arch], method=s["method"], img_per_s=ips,
                          params=sum(p.numel() for p in s["model"].parameters()),
                          trainable=sum(p.numel() for p in s["params"])))
@@ -453,30 +467,37 @@ def training_speed(prof, arch, init):
     return rows
 
 
+def timed(run):
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 @torch.no_grad()
 def sampling_speed(prof, arch):
-    """Images/s of DDPM (all T steps unless the profile respaces it) and DDIM-50 for ddpm and dtr models."""
-    rows, n, S = [], prof["sample_n"], prof["image_size"]
+    """Images/s of DDIM-50 for ddpm and dtr models (best of interleaved repeats) and of DDPM with all T
+    steps (unless the profile respaces it; timed once: it is the long one)."""
+    n, S, k = prof["sample_n"], prof["image_size"], prof["ddpm_steps"] or 1000
+    sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
+    fns = {}
     for m in ("ddpm", "dtr"):
         cfg, _, _ = make_config(["--method", m, *common_flags(prof, arch, 0)])
         torch.manual_seed(0)
         model = train.build_model(cfg).to(DEVICE).eval()
-        sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
-        y = torch.arange(n, device=DEVICE) % cfg["num_classes"]
-        fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
-        shape = (n, 3, S, S)
-        fn(torch.randn(shape, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
-        samplers = [(f"DDIM-{prof['ddim_steps']}", lambda: diffusion.ddim_sample(fn, sched, shape, prof["ddim_steps"], device=DEVICE))]
-        if m == "ddpm":
-            k = prof["ddpm_steps"] or sched.T
-            samplers.append((f"DDPM-{k}", lambda: diffusion.ddpm_sample(fn, sched, shape, k, device=DEVICE)))
-        for name, run in samplers:
-            t0 = time.perf_counter()
-            run()
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            rows.append(dict(arch=arch, model=prof["models"][arch], method=m, sampler=name,
-                             img_per_s=n / (time.perf_counter() - t0), batch=n))
+        fns[m] = diffusion.cfg_model(model, torch.arange(n, device=DEVICE) % cfg["num_classes"], 1.0, cfg["num_classes"])
+        fns[m](torch.randn(n, 3, S, S, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
+    ddim = {m: [] for m in fns}
+    for _ in range(prof["speed_repeats"]):
+        for m, fn in fns.items():
+            ddim[m].append(timed(lambda: diffusion.ddim_sample(fn, sched, (n, 3, S, S), prof["ddim_steps"], device=DEVICE)))
+    rows = [dict(arch=arch, model=prof["models"][arch], method=m, sampler=f"DDIM-{prof['ddim_steps']}",
+                 img_per_s=n / min(ts), batch=n) for m, ts in ddim.items()]
+    t = timed(lambda: diffusion.ddpm_sample(fns["ddpm"], sched, (n, 3, S, S), k, device=DEVICE))
+    rows.append(dict(arch=arch, model=prof["models"][arch], method="ddpm", sampler=f"DDPM-{k}", img_per_s=n / t, batch=n))
     return rows
 
 
@@ -580,7 +601,7 @@ def fd_noise(prof, scorer, rows, summary):
     if base is None:
         return {"fd": None}
     model, cfg, sched = train.load_run(os.path.join(base["out"], "checkpoint.pt"), device=DEVICE)
-    again = scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1))["fd"]
+    again = scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1, prof["eval_eta"]))["fd"]
     resample = abs(again - base["scores"][str(prof["checkpoints"][-1])]["fd"])
     seed_std = max((v[f"fd@{prof['checkpoints'][-1]}"]["std"] for v in summary.values()), default=0.0)
     return {"fd": max(resample, seed_std), "resample": resample, "seed_std": seed_std}
@@ -600,7 +621,7 @@ def markdown(report):
     lines = [f"# Reproduction table ({report['profile_name']} profile)", "",
              f"`{report['command']}` on {report['date']}; {report['hardware']}; {report['wall_s'] / 60:.1f} min.",
              f"Seeds {list(p['seeds'])}; {p['image_size']}px shapes, batch {p['batch_size']}, lr {p['lr']}, "
-             f"checkpoints at {list(cks)} steps. FD / precision / recall: {p['n_eval']} DDIM-{p['eval_steps']} samples "
+             f"checkpoints at {list(cks)} steps. FD / precision / recall: {p['n_eval']} DDIM-{p['eval_steps']} (eta {p['eval_eta']:g}) samples "
              f"against {p['n_ref']} held-out images (precision/recall: the first {p['n_eval']}) in the reference CNN's "
              f"features (held-out accuracy "
              f"{report['reference_accuracy']:.3f}); not comparable to Inception FIDs. ± is the std over seeds.",
@@ -648,12 +669,13 @@ def markdown(report):
             lines.append(f"| {n} | {fmt(v(lambda r: r['rgb_heldout']['first']), 4)} | {fmt(v(lambda r: r['rgb_heldout']['last']), 4)} | "
                          f"{fmt(v(lambda r: r['depth']['abs_rel']), 4)} | {fmt(v(lambda r: r['depth']['rmse']), 4)} | "
                          f"{fmt(v(lambda r: r['depth']['other_image_abs_rel']), 4)} / {fmt(v(lambda r: r['depth']['other_image_rmse']), 4)} | {len(rs)} |")
-    lines += ["", f"## Training speed (batch {p['batch_size']}, {p['image_size']}px, median of {p['speed_repeats']} interleaved "
+    lines += ["", f"## Training speed (batch {p['batch_size']}, {p['image_size']}px, best of {p['speed_repeats']} interleaved "
               f"repeats of {p['speed_steps']} steps)", "", "| backbone | method | parameters | trainable | images/s | ratio to ddpm |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['params']:,} | {r['trainable']:,} | {r['img_per_s']:.1f} | {r['ratio_to_ddpm']:.3f} |"
               for r in report["speed"]]
-    lines += ["", f"## Sampling speed (batch {p['sample_n']}, untrained weights)", "", "| backbone | method | sampler | images/s |",
+    lines += ["", f"## Sampling speed (batch {p['sample_n']}, untrained weights; DDIM: best of {p['speed_repeats']} interleaved "
+              "repeats, DDPM: one run)", "", "| backbone | method | sampler | images/s |",
               "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['sampler']} | {r['img_per_s']:.2f} |" for r in report["sampling"]]
     return "\n".join(lines) + "\n"
