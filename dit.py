@@ -159,12 +159,14 @@ class DiTBlock(nn.Module):
         self.route_channels = hidden_size
         self.register_buffer("route_mask", None, persistent=False)
 
-    def residual(self, x, c):
-        """The unchanged DiT block B(x) = x + F(x); c (N, D) is the conditioning vector."""
+    def residual(self, x, c, skip=None):
+        """The unchanged DiT block B(x) = x + F(x), F = the attention branch a plus the MLP branch at
+        x + a; c (N, D) is the conditioning vector. With `skip`, returns skip + F(x) instead (routing)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
-        return x
+        a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        h = x + a
+        out = h if skip is None else skip + a
+        return out + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
     def forward(self, x, c, t=None):
         if self.route_mask is None:
@@ -175,7 +177,9 @@ class DiTBlock(nn.Module):
             raise ValueError(f"route_mask has {self.route_mask.shape[-1]} channels but the block has "
                              f"{x.shape[-1]}; build masks of width block.route_channels")
         m = self.route_mask[t.long()].to(x.dtype).unsqueeze(1)  # (N, 1, D)
-        return self.residual(m * x, c) + (1 - m) * x          # DTR Eq. 8: B(m x) + (1 - m) x
+        # DTR Eq. 8, B(m x) + (1 - m) x = x + F(m x): the block on the masked input with the unmasked
+        # input as its skip. Two elementwise ops more than the plain block (m * x and skip + a).
+        return self.residual(m * x, c, skip=x)
 
 
 class FinalLayer(nn.Module):

@@ -17,7 +17,8 @@ Hooks other files use:
       state by route_mask[t] right after the GroupNorm that precedes its zero-initialised output
       layer (ResBlock: the second GroupNorm, after the scale-shift and before SiLU / dropout / zero
       conv; AttentionBlock: its GroupNorm, before qkv). This is the placement the DTR authors describe
-      for ADM. The block stays x + F(m * h): the skip path is untouched.
+      for ADM. The block stays x + F(m * h): the skip path is untouched. In the ResBlock the 0/1 mask
+      is folded into the per-channel scale-shift (same numbers, a fraction of the cost).
     - features (mtdiffusion.py, jointnet.py): `embed`, `conv_in`, `encode` (down stages and middle ->
       the skip tensors and the middle output), `decode` (up stages), `out`; `forward(...,
       return_features=True)` also returns {"mid": middle output, "last": the features before `out`}.
@@ -68,11 +69,14 @@ class Routed(nn.Module):
         self.route_channels = channels
         self.register_buffer("route_mask", None, persistent=False)  # (T, C) or None
 
-    def route(self, h, t):
-        if self.route_mask is None:
-            return h
-        m = self.route_mask[t.long()].to(h.dtype)                             # (B, C)
-        return h * m.view(*m.shape, *([1] * (h.ndim - 2)))
+    def mask(self, t, dtype):
+        """route_mask[t], (B, C): each sample's mask for its timestep index."""
+        if t is None:
+            raise ValueError("this block has a route_mask, so forward needs the timestep indices t of shape (B,)")
+        if self.route_mask.shape[-1] != self.route_channels:
+            raise ValueError(f"route_mask has {self.route_mask.shape[-1]} channels but the block has "
+                             f"{self.route_channels}; build masks of width block.route_channels")
+        return self.route_mask[t.long()].to(dtype)
 
 
 class ResBlock(Routed):
@@ -88,8 +92,13 @@ class ResBlock(Routed):
     def forward(self, x, emb, t):
         h = self.in_layers(x)                                                 # (B, C_out, H, W)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
-        h = self.out_norm(h) * (1 + scale) + shift
-        h = self.out_layers(self.route(h, t))
+        gain = 1 + scale
+        if self.route_mask is not None:
+            # Routing: m * (GN(h) gain + shift) = GN(h) (m gain) + m shift for a 0/1 mask, so the mask
+            # is folded into the per-channel gain and shift, (B, C) multiplies instead of (B, C, H, W).
+            m = self.mask(t, gain.dtype)[:, :, None, None]                    # (B, C_out, 1, 1)
+            gain, shift = gain * m, shift * m
+        h = self.out_layers(self.out_norm(h) * gain + shift)
         return self.skip(x) + h
 
 
@@ -103,7 +112,9 @@ class AttentionBlock(Routed):
 
     def forward(self, x, emb, t):
         B, C, H, W = x.shape
-        h = self.route(self.norm(x).reshape(B, C, H * W), t)                  # (B, C, L)
+        h = self.norm(x).reshape(B, C, H * W)                                 # (B, C, L)
+        if self.route_mask is not None:
+            h = h * self.mask(t, h.dtype)[:, :, None]                         # routing: m * GN(x)
         q, k, v = self.qkv(h).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         h = h.transpose(-1, -2).reshape(B, C, H * W)                          # (B, C, L)
