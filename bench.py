@@ -4,6 +4,7 @@ The reproduction table: does each paper's claim hold at small scale, and what do
     python bench.py --quick      # about 20 minutes on 2 CPU cores: 16px, 400 steps, one seed
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
+    python bench.py --only routing   # DTR's training cost alone (the profile's models; 8 minutes with --quick)
 
 Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
 rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with
@@ -25,6 +26,9 @@ Rows and the claims they test:
     speed       training images/s of every method side by side in one process (interleaved repeats,
                 best of each), its ratio to ddpm on the same backbone, parameter counts; sampling
                 images/s of DDPM and DDIM-50
+    DTR cost    training step time with DTR routing over the same model and weights without it, at the
+                CPU presets and DiT-S/2 (DTR App. E: about 0.6%), against an A/A control of the timing
+                (`python bench.py --only routing` runs this section alone)
 Writes bench.json (every number) and bench.md (the tables and a verdict per claim with its seed count).
 
 Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
@@ -63,6 +67,8 @@ WEIGHTINGS = ("const", "snr", "max_snr", "min_snr")
 #   speed_*          optimiser steps per timing and interleaved repeats; sample_n: batch of the sampling timings
 #   n_restore        held-out images for restoration, label and depth scores; mt_patches: hidden patches
 #   workers          data-loader processes of train.py (0: render in the training process)
+#   routing_cost     (model, image size, batch, repeats) of the DTR cost timings: one training step each
+#                    of none / dtr / none per repeat, in rotating order
 _COMMON = dict(models={"unet": "unet-cpu", "dit": "DiT-T/4"}, arches=("unet", "dit"), methods=METHODS,
                targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None,
                workers=0, eval_eta=0.0)
@@ -73,17 +79,21 @@ PROFILES = {
                                n_eval=8, n_ref=16, eval_steps=2, grid_steps=1, rgb_heldout=4,
                                featnet=dict(n_train=64, n_test=32, steps=5), speed_steps=1, speed_repeats=1,
                                speed_methods=("ddpm", "dtr", "mtdiff", "jointnet"), sample_n=2, ddim_steps=2,
-                               ddpm_steps=4, n_restore=4, mt_patches=2)},
+                               ddpm_steps=4, n_restore=4, mt_patches=2,
+                               routing_cost=(("unet-cpu", 16, 4, 3), ("DiT-T/4", 16, 4, 3)))},
     # About 20 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
     "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
                                 seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
                                 rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
-                                mt_patches=3)},
+                                mt_patches=3, routing_cost=(("unet-cpu", 32, 16, 150), ("DiT-T/4", 32, 16, 150),
+                                                            ("DiT-S/2", 32, 8, 45)))},
     # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
     "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
                                seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
                                rgb_heldout=64, speed_steps=10, speed_repeats=7, sample_n=64, n_restore=500,
-                               mt_patches=5, workers=4)},
+                               mt_patches=5, workers=4,
+                               routing_cost=(("unet-cpu", 32, 16, 200), ("DiT-T/4", 32, 16, 200), ("DiT-S/2", 32, 128, 100),
+                                             ("unet-gpu", 64, 128, 100), ("DiT-B/2", 32, 128, 100)))},
 }
 
 
@@ -438,15 +448,21 @@ def timed_steps(s, batch, sched, k):
     return time.perf_counter() - t0
 
 
-def training_speed(prof, arch, init):
-    setups = speed_setups(prof, arch, init)
-    B = prof["batch_size"]
-    items = [setups[0]["ds"][i] for i in range(B)]
+def fixed_batch(ds, B):
+    """The first B items of ds with timesteps, noise and label dropout drawn as train.py draws them."""
+    items = [ds[i] for i in range(B)]
     batch = {k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]}
     g = torch.Generator().manual_seed(0)
     batch["t"] = diffusion.sample_timesteps(B, 1000, generator=g).to(DEVICE)
     batch["noise"] = torch.randn(batch["image"].shape, generator=g).to(DEVICE)
-    batch["label_drop"] = (torch.rand(B, generator=g) < 0.1).to(DEVICE)  # as train.py draws them (--cfg-drop 0.1)
+    batch["label_drop"] = (torch.rand(B, generator=g) < 0.1).to(DEVICE)  # --cfg-drop 0.1
+    return batch
+
+
+def training_speed(prof, arch, init):
+    setups = speed_setups(prof, arch, init)
+    B = prof["batch_size"]
+    batch = fixed_batch(setups[0]["ds"], B)
     sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
     times = {s["method"]: [] for s in setups}
     for s in setups:
@@ -464,6 +480,61 @@ def training_speed(prof, arch, init):
     ref = next(r["img_per_s"] for r in rows if r["method"] == "ddpm")
     for r in rows:
         r["ratio_to_ddpm"] = r["img_per_s"] / ref
+    return rows
+
+
+def median_ci(xs, level=0.95, boots=2000, seed=0):
+    """Median of xs and a bootstrap confidence interval for it (percentile method)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(xs, dtype=torch.float64)
+    meds = x[torch.randint(len(xs), (boots, len(xs)), generator=g)].quantile(0.5, dim=1).sort().values
+    lo, hi = meds[int((1 - level) / 2 * boots)], meds[int((1 + level) / 2 * boots) - 1]
+    return dict(median=statistics.median(xs), lo=lo.item(), hi=hi.item())
+
+
+def routing_cost(prof):
+    """DTR's cost: training step time with routing over the same model and weights without it.
+
+    Each repeat times one optimiser step (loss, backward, AdamW) of three conditions in rotating order:
+    no routing (a), DTR masks, no routing (b). The DTR ratio of a repeat is t_dtr / mean(t_a, t_b): slow
+    drifts of a shared machine hit the three alike and cancel. t_b / t_a is an A/A control: its interval
+    shows how small a difference the timing can resolve. Reported: medians over repeats with 95%
+    bootstrap intervals."""
+    import dtr
+    rows = []
+    for model_name, size, batch_size, repeats in prof["routing_cost"]:
+        arch = "dit" if model_name.startswith("DiT") else "unet"
+        p = {**prof, "models": {arch: model_name}, "image_size": size, "batch_size": batch_size}
+        cfg, ds, _ = make_config(["--method", "ddpm", *common_flags(p, arch, 0)])
+        torch.manual_seed(0)
+        model = train.build_model(cfg).to(DEVICE)
+        s = dict(model=model, cfg=cfg, opt=torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn=train.default_loss)
+        blocks = model.routable_blocks()
+        dtr.apply_routing(model, "dtr")
+        masks = [b.route_mask for b in blocks]
+        batch = fixed_batch(ds, batch_size)
+        sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
+
+        def step(routed):
+            for b, m in zip(blocks, masks):
+                b.route_mask = m if routed else None
+            return timed_steps(s, batch, sched, 1)
+
+        for routed in (False, True, False, True):  # warm-up
+            step(routed)
+        order = ("a", "dtr", "b")
+        times = {k: [] for k in order}
+        for r in range(repeats):
+            for k in order[r % 3:] + order[:r % 3]:
+                times[k].append(step(k == "dtr"))
+        ratio = [d / ((a + b) / 2) for a, d, b in zip(times["a"], times["dtr"], times["b"])]
+        aa = [b / a for a, b in zip(times["a"], times["b"])]
+        rows.append(dict(model=model_name, image_size=size, batch=batch_size, repeats=repeats,
+                         params=sum(q.numel() for q in model.parameters()),
+                         step_ms=1e3 * statistics.median(times["a"] + times["b"]),
+                         dtr_ratio=median_ci(ratio), aa_ratio=median_ci(aa)))
+        print(f"[bench] routing cost {model_name} {size}px batch {batch_size}: dtr/none "
+              f"{rows[-1]['dtr_ratio']['median']:.4f}, A/A {rows[-1]['aa_ratio']['median']:.4f}", flush=True)
     return rows
 
 
@@ -678,7 +749,19 @@ def markdown(report):
               "repeats, DDPM: one run)", "", "| backbone | method | sampler | images/s |",
               "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['sampler']} | {r['img_per_s']:.2f} |" for r in report["sampling"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + routing_markdown(report["routing_cost"])) + "\n"
+
+
+def routing_markdown(rows):
+    """The DTR cost table: median step-time ratios with their 95% intervals."""
+    ci = lambda c: f"{c['median']:.4f} ({c['lo']:.4f}-{c['hi']:.4f})"
+    return ["", "## DTR cost (training step time, DTR / no routing, same model and weights)", "",
+            "Medians over repeats of one step each of no routing, DTR, no routing (rotating order), with 95% "
+            "bootstrap intervals. A/A: the two no-routing steps against each other, the timing's resolution. "
+            "DTR adds no parameters.", "",
+            "| model | image | batch | parameters | step (ms) | DTR / none | A/A | repeats |", "|---|---|---|---|---|---|---|---|"] + [
+        f"| {r['model']} | {r['image_size']}px | {r['batch']} | {r['params']:,} | {r['step_ms']:.1f} | {ci(r['dtr_ratio'])} | "
+        f"{ci(r['aa_ratio'])} | {r['repeats']} |" for r in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -695,13 +778,28 @@ def run(prof, name, runs, cache=None, command=""):
     print("[bench] speed", flush=True)
     speed = [r for a in prof["arches"] for r in training_speed(prof, a, base_checkpoint(quality, prof["seeds"][0]) if a == "unet" else None)]
     sampling = [r for a in prof["arches"] for r in sampling_speed(prof, a)]
+    routing = routing_cost(prof)
     summary = summarize(quality, prof["checkpoints"])
     noise = fd_noise(prof, scorer, quality, summary)
     return dict(profile_name=name, profile=prof, command=command, date=datetime.date.today().isoformat(),
                 hardware=hardware(), wall_s=time.time() - t0, reference_accuracy=scorer.info["accuracy"],
-                fd_floor=scorer.floor, fd_noise=noise, summary=summary, speed=speed, sampling=sampling,
+                fd_floor=scorer.floor, fd_noise=noise, summary=summary, speed=speed, sampling=sampling, routing_cost=routing,
                 quality=[{k: v for k, v in r.items() if k != "log"} for r in quality],
                 claims=claims(summary, quality, prof["checkpoints"], noise["fd"]))
+
+
+def routing_only(prof, name, args, command):
+    t0 = time.time()
+    rows = routing_cost(prof)
+    report = dict(profile_name=name, command=command, date=datetime.date.today().isoformat(), hardware=hardware(),
+                  wall_s=time.time() - t0, routing_cost=rows)
+    text = "\n".join([f"# DTR cost ({name} profile)", "", f"`{command}` on {report['date']}; {report['hardware']}; "
+                      f"{report['wall_s'] / 60:.1f} min."] + routing_markdown(rows)) + "\n"
+    for path, content in ((args.json, json.dumps(report, indent=1)), (args.md, text)):
+        with open(path, "w") as f:
+            f.write(content)
+    print(text)
+    return report
 
 
 def main(argv=None):
@@ -715,6 +813,7 @@ def main(argv=None):
     p.add_argument("--md", default="bench.md", help="where to write the markdown tables")
     p.add_argument("--cache", help="folder for the reference net (metrics.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--only", choices=["routing"], help="run one section: 'routing' times DTR's cost (minutes on a CPU)")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -726,6 +825,8 @@ def main(argv=None):
         prof["seeds"] = tuple(args.seeds)
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
+        if args.only == "routing":
+            return routing_only(prof, name, args, command.strip())
         report = run(prof, name, args.runs or os.path.join("runs", f"bench-{name}"), args.cache, command.strip())
     except (RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")

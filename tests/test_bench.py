@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import statistics
 import sys
 
 import pytest
@@ -46,6 +47,12 @@ def test_tiny_profile_writes_json_with_every_section(tiny):
     assert all(r["img_per_s"] > 0 and r["params"] >= r["trainable"] > 0 for r in saved["speed"])
     assert {r["sampler"].split("-")[0] for r in saved["sampling"]} == {"DDIM", "DDPM"}
     assert all(isinstance(c["holds"], bool) and c["seeds"] == 1 for c in saved["claims"])
+    cost = saved["routing_cost"]
+    assert [r["model"] for r in cost] == [m for m, *_ in bench.PROFILES["tiny"]["routing_cost"]]
+    for r in cost:
+        for c in (r["dtr_ratio"], r["aa_ratio"]):
+            assert 0 < c["lo"] <= c["median"] <= c["hi"]
+        assert r["step_ms"] > 0 and r["repeats"] == 3
 
 
 def test_tiny_profile_writes_well_formed_markdown(tiny):
@@ -53,7 +60,7 @@ def test_tiny_profile_writes_well_formed_markdown(tiny):
     text = open(tmp / "bench.md").read()
     assert text == bench.markdown(report)
     assert text.startswith("# Reproduction table (tiny profile)")
-    for title in ("## Claims", "## Methods", "## Loss weighting", "## Training speed", "## Sampling speed"):
+    for title in ("## Claims", "## Methods", "## Loss weighting", "## Training speed", "## Sampling speed", "## DTR cost"):
         assert title in text
     # Every table: a header, a |---| separator with as many columns, and rows with as many cells.
     blocks = [b for b in text.split("\n\n") if b.startswith("|")]
@@ -130,3 +137,29 @@ def test_mean_std_and_format():
     assert bench.mean_std([1.0, 3.0, None]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
     assert bench.fmt(bench.mean_std([1.0, 3.0])) == "2.00 ± 1.41"
     assert bench.fmt(bench.mean_std([2.5])) == "2.50" and bench.fmt(None) == "-"
+
+
+def test_routing_only_writes_the_dtr_cost_table(tmp_path):
+    prof = {**bench.PROFILES["tiny"], "routing_cost": (("DiT-T/4", 16, 2, 2),)}
+    mp = pytest.MonkeyPatch()
+    mp.setitem(bench.PROFILES, "tiny", prof)
+    try:
+        report = bench.main(["--tiny", "--only", "routing", "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md")])
+    finally:
+        mp.undo()
+    assert [r["model"] for r in report["routing_cost"]] == ["DiT-T/4"]
+    assert json.load(open(tmp_path / "r.json"))["routing_cost"][0]["batch"] == 2
+    text = open(tmp_path / "r.md").read()
+    assert text.startswith("# DTR cost (tiny profile)") and "| DiT-T/4 | 16px | 2 |" in text
+
+
+def test_median_interval_matches_the_normal_theory():
+    # The sample median of n normal draws has standard error sqrt(pi / 2) sigma / sqrt(n) (asymptotically).
+    g = torch.Generator().manual_seed(1)
+    x = (1.0 + 0.1 * torch.randn(400, generator=g)).tolist()
+    c = bench.median_ci(x)
+    half = 1.96 * math.sqrt(math.pi / 2) * 0.1 / math.sqrt(400)
+    assert c["lo"] < c["median"] < c["hi"] and c["median"] == pytest.approx(statistics.median(x))
+    assert (c["hi"] - c["lo"]) / 2 == pytest.approx(half, rel=0.35)
+    assert c["lo"] < 1.0 < c["hi"]
+    assert bench.median_ci([2.0] * 5) == {"median": 2.0, "lo": 2.0, "hi": 2.0}
