@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import metrics
 from diffusion import Schedule, ddim_step, extract, q_sample, snr, split_prediction, timestep_subset, training_target
 
 TASKS = ("masked", "label", "translate")
@@ -325,32 +326,6 @@ def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=Non
 
 
 # -----------------------------------------------------------------------------
-# Metrics (Table 1 and Table 4 of the paper, without LPIPS)
-
-def region_mse(a, b, region):
-    """Per-image mean squared difference over a 0/1 region (B, 1, H, W); NaN where the region is empty."""
-    return ((a - b).pow(2) * region).sum((1, 2, 3)) / (region.sum((1, 2, 3)) * a.shape[1])
-
-
-def masked_region_error(restored, original, mask):
-    return region_mse(restored, original, mask)
-
-
-def unmasked_change(restored, original, mask):
-    return region_mse(restored, original, 1 - mask)
-
-
-def pixel_accuracy(pred, target):
-    return (pred == target).float().mean().item()
-
-
-def class_iou(pred, target, num_classes):
-    """Mean intersection over union over the classes present in the prediction or the target."""
-    ious = [((pred == k) & (target == k)).sum() / ((pred == k) | (target == k)).sum() for k in range(num_classes)]
-    return torch.stack([i for i in ious if not i.isnan()]).mean().item()
-
-
-# -----------------------------------------------------------------------------
 # train.py hooks
 
 def _float_in(lo, hi=float("inf")):
@@ -522,7 +497,7 @@ def restore_table(model, sched, sample, x0, args, out):
                 "MT-Diffusion (Alg. 1)": chunked(lambda a: sample(len(a), x=a), B, xm)[0],
                 "MT-Diffusion + paste": chunked(lambda a, k: sample(len(a), x=a, z0=a, known=k), B, xm, 1 - M)[0]}
         for name, r in rows.items():
-            err, chg = masked_region_error(r, x0, M).nanmean().item(), unmasked_change(r, x0, M).nanmean().item()
+            err, chg = metrics.masked_region_mse(r, x0, M).mean().item(), metrics.unmasked_change(r, x0, M).mean().item()
             print(f"  m={m:2d}  {name:24s} {err:.4f} / {chg:.4f}")
         save_grid([x0[:8], xm[:8], rows["MT-Diffusion (Alg. 1)"][:8]], f"{out}_m{m}.png")
     print(f"wrote original / masked / restored rows to {out}_m*.png")
@@ -548,8 +523,8 @@ def translate_table(model, sample, x0, seg, K, args, out):
     B = args.batch
     pred = chunked(lambda a: [read_modality(model, a)], B, x0)[0].argmax(1)
     z = chunked(lambda s: sample(len(s), x=s)[:1], B, seg)[0]                       # the image from the map
-    print(f"map from image, {len(x0)} held-out images: per-pixel accuracy {pixel_accuracy(pred, seg):.4f}, "
-          f"class IoU {class_iou(pred, seg, K):.4f} (all background: {pixel_accuracy(torch.zeros_like(seg), seg):.4f})")
+    print(f"map from image, {len(x0)} held-out images: per-pixel accuracy {metrics.pixel_accuracy(pred, seg):.4f}, "
+          f"class IoU {metrics.mean_iou(pred, seg, K):.4f} (all background: {metrics.pixel_accuracy(torch.zeros_like(seg), seg):.4f})")
     save_grid([show(model, seg[:8])[0], z[:8], x0[:8], show(model, pred[:8])[0]], out + ".png")
     print(f"wrote rows map / image from the map / true image / map from the image to {out}.png")
 
