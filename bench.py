@@ -1,10 +1,10 @@
 """
 The reproduction table: does each paper's claim hold at small scale, and what does each method cost?
 
-    python bench.py --quick      # about 20 minutes on 2 CPU cores: 16px, 400 steps, one seed
+    python bench.py --quick      # about 30 minutes on 2 CPU cores: 16px, 400 steps, one seed
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
-    python bench.py --only routing   # DTR's training cost alone (the profile's models; 8 minutes with --quick)
+    python bench.py --only routing   # DTR's training cost alone (the profile's models; 13 minutes with --quick)
 
 Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
 rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with
@@ -81,12 +81,12 @@ PROFILES = {
                                speed_methods=("ddpm", "dtr", "mtdiff", "jointnet"), sample_n=2, ddim_steps=2,
                                ddpm_steps=4, n_restore=4, mt_patches=2,
                                routing_cost=(("unet-cpu", 16, 4, 3), ("DiT-T/4", 16, 4, 3)))},
-    # About 20 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
+    # About 30 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
     "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
                                 seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
                                 rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
                                 mt_patches=3, routing_cost=(("unet-cpu", 32, 16, 150), ("DiT-T/4", 32, 16, 150),
-                                                            ("DiT-S/2", 32, 8, 45)))},
+                                                            ("DiT-S/2", 32, 8, 90)))},
     # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
     "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
                                seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
