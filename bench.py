@@ -4,7 +4,7 @@ The reproduction table: does each paper's claim hold at small scale, and what do
     python bench.py --quick      # about 30 minutes on 2 CPU cores: 16px, 400 steps, one seed
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
-    python bench.py --only routing   # DTR's training cost alone (the profile's models; 13 minutes with --quick)
+    python bench.py --only routing   # DTR's training cost alone (the profile's models; 12 minutes with --quick)
 
 Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
 rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with

@@ -82,7 +82,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint.pt written by train.py, or its run folder")
-    a("--out", help="output path without extension (default: RUN/samples/sample)")
+    a("--out", help="output path; .png and .npz are added (default: RUN/samples/MODE)")
     a("--n", "--num-samples", dest="n", type=int, default=64, help="number of samples (under torchrun write --num-samples: torchrun reads --n as its own)")
     a("--batch", type=int, default=64, help="samples per forward pass")
     a("--sampler", choices=["ddim", "ddpm"], default="ddim")
@@ -130,6 +130,8 @@ def main(argv=None):
         if args.mode == "generate" and cfg["method"] in train.METHOD_MODULES:  # a method's joint sampler
             args.mode = importlib.import_module(train.METHOD_MODULES[cfg["method"]]).SAMPLE_MODES[0]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "samples", args.mode)
+        if os.path.splitext(out)[1].lower() in (".png", ".npz"):  # --out grid.png means the stem "grid"
+            out = os.path.splitext(out)[0]
         if args.mode != "generate":
             return mode_owners()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)
         # Each rank draws its share with its own seed; rank 0 gathers and writes one file.

@@ -54,6 +54,8 @@ def test_resume_continues_and_sample_reads_the_checkpoint(trained, tmp_path):
     assert arr["images"].shape == (5, 16, 16, 3) and arr["images"].dtype == np.uint8
     assert list(arr["labels"]) == [0, 1, 2, 3, 0][: 5] or len(set(arr["labels"])) > 1
     assert Image.open(tmp_path / "s.png").size[0] > 16
+    sample.main(["--ckpt", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.npz").is_file()  # not grid.png.png
 
 
 def test_loss_falls_on_a_fixed_batch():
