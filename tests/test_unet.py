@@ -70,6 +70,18 @@ def test_routing_hook_masks_the_normalised_hidden_state():
     assert all("route_mask" not in k for k in m.state_dict())  # masks are not parameters or saved state
 
 
+def test_routing_errors_name_the_problem():
+    m = tiny()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 999])
+    block = m.routable_blocks()[0]
+    block.route_mask = torch.ones(1000, block.route_channels + 1)
+    with pytest.raises(ValueError, match="route_channels"):
+        m(x, t)
+    block.route_mask = torch.ones(1000, block.route_channels)
+    with pytest.raises(ValueError, match="timestep"):
+        block(torch.randn(2, block.route_channels, 8, 8), torch.randn(2, 4 * 16), None)
+
+
 def test_presets_and_bad_sizes():
     for name in UNET_PRESETS:
         assert isinstance(build_unet(name), UNet)
