@@ -20,7 +20,8 @@ What is implemented (the authors released inference code only; this is a trainin
     loss           Eq. 1, ||eps_x - eps_theta||^2 + ||eps_d - eps_phi||^2, one t for both modalities. Stage 1
                    trains the copy and the zero convs; --unfreeze is stage 2 (all weights, lr 1e-5, label
                    drop 0.5 unless given). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
-                   (fixed t and noise), the Fig. 8 comparison with Direct Extend.
+                   (fixed t and noise), the Fig. 8 comparison with Direct Extend: the shapes test split, or
+                   --heldout-data for a folder / .npz (which have no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
                    the known part with its noised version at every step (Sec. 4.1); SDEdit refinement of a
                    nearest-upsampled low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2).
@@ -217,16 +218,16 @@ _HELDOUT = {}
 
 
 def held_out_items(cfg, n):
-    """The first n items of the test split, stacked into a batch."""
+    """The first n items of the test split (or of --heldout-data), stacked into a batch."""
     import data
-    ds = data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"])
+    ds = data.build_dataset(cfg.get("heldout_data") or cfg["data"], cfg["image_size"], "test", cfg["seed"])
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def heldout_batch(cfg, device):
     """cfg["rgb_heldout"] test items with fixed t (spread over [0, T)) and fixed noise, built once."""
-    key = tuple(cfg[k] for k in ("data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
+    key = tuple(cfg.get(k) for k in ("data", "heldout_data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
     if key not in _HELDOUT:
         b = held_out_items(cfg, cfg["rgb_heldout"])
         x0, d0, g = b["image"], dense_map(b, cfg["dense_modality"]), torch.Generator().manual_seed(0)
@@ -389,6 +390,8 @@ def add_args(parser):
                    help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
     g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
     g.add_argument("--rgb-heldout", type=_count, default=16, help="held-out images for the logged RGB loss (0: off)")
+    g.add_argument("--heldout-data", help="folder or .npz of held-out items for that loss (default: the shapes "
+                   "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
 
 
 INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta")  # from --init
@@ -425,6 +428,20 @@ def prepare_config(cfg):
     if cfg["routing"] == "random":
         raise RunError("--init uses random routing, whose masks the dense copy would not share; use dtr or none")
     cfg["dense_channels"] = DENSE_CHANNELS[cfg["dense_modality"]]
+    if cfg.get("heldout_data"):
+        import data
+        try:
+            info = data.dataset_info(data.build_dataset(cfg["heldout_data"], cfg["image_size"], "test", cfg["seed"]))
+        except (OSError, ValueError) as e:
+            raise RunError(f"--heldout-data: {e}") from None
+        need = {"depth": "has_depth", "seg": "has_seg"}[cfg["dense_modality"]]
+        if not info[need] or info["channels"] != cfg["in_channels"]:
+            raise RunError(f"--heldout-data {cfg['heldout_data']} must hold {cfg['in_channels']}-channel images "
+                           f"with {cfg['dense_modality']} like the training data; it has {info['channels']} channels"
+                           f"{'' if info[need] else ' and no ' + cfg['dense_modality']}")
+    elif cfg["rgb_heldout"] and cfg["data"] != "shapes":
+        print(f"note: {cfg['data']} has no held-out split, so the logged rgb_heldout loss uses training items "
+              "(it shows fitting, not forgetting); pass --heldout-data HELD_OUT_FOLDER_OR_NPZ")
     if cfg["unfreeze"]:  # stage 2 (Sec. 3.4): lr 1e-5, condition drop raised to 50%
         cfg["lr"] = cfg["lr"] if "lr" in cfg["explicit"] else 1e-5
         cfg["cfg_drop"] = cfg["cfg_drop"] if "cfg_drop" in cfg["explicit"] else 0.5

@@ -3,6 +3,7 @@ alignment, and short stage-1 / Direct Extend runs through train.py."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,6 +333,26 @@ def test_stage1_trains_the_dense_branch_and_keeps_the_rgb_branch_bit_identical(r
     assert all(ckpt["model"][k].abs().sum() > 0 for k in zero_convs if k.endswith("weight"))  # moved off zero
     cfg = ckpt["config"]
     assert cfg["model"] == "unet-cpu" and cfg["dense_channels"] == 1 and cfg["image_size"] == 16
+
+
+def test_heldout_data_feeds_the_logged_rgb_loss(rgb_run, tmp_path):
+    import data
+    items = [data.Shapes(16, "test", seed=7)[i] for i in range(6)]
+    arrays = {k: torch.stack([it[k] for it in items]).numpy() for k in ("image", "depth", "label")}
+    np.savez(tmp_path / "held.npz", **arrays)
+    run = tmp_path / "de"
+    assert train_run(run, "--method", "direct_extend", "--init", str(rgb_run / "checkpoint.pt"), "--steps", "1",
+                     "--heldout-data", str(tmp_path / "held.npz"), "--rgb-heldout", "6") == 1
+    cfg = ckpt_cfg(run)
+    assert torch.equal(jointnet.heldout_batch(cfg, "cpu")["x0"], torch.from_numpy(arrays["image"]))
+    init = torch.load(rgb_run / "checkpoint.pt", weights_only=True)["ema"]
+    assert read_log(run)[0]["rgb_heldout"] == pytest.approx(base_heldout_loss(init, cfg), rel=1e-4)
+    np.savez(tmp_path / "rgb_only.npz", image=arrays["image"])
+    msg = error_of(tmp_path / "bad", "--method", "jointnet", "--init", str(rgb_run / "checkpoint.pt"),
+                   "--heldout-data", str(tmp_path / "rgb_only.npz"))
+    assert "--heldout-data" in msg and "no depth" in msg
+    assert "--heldout-data" in error_of(tmp_path / "bad2", "--method", "jointnet", "--init",
+                                        str(rgb_run / "checkpoint.pt"), "--heldout-data", str(tmp_path / "missing"))
 
 
 def test_direct_extend_and_stage2_runs(rgb_run, jn_run, tmp_path):
