@@ -23,9 +23,9 @@ Rows and the claims they test:
                 the label head against the same network trained as a supervised classifier (Fig. 6)
     jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (Fig. 8),
                 RGB -> depth AbsRel / RMSE (Table 2's metrics)
-    speed       training images/s of every method side by side in one process (interleaved repeats,
-                best of each), its ratio to ddpm on the same backbone, parameter counts; sampling
-                images/s of DDPM and DDIM-50
+    speed       training images/s of every method side by side in one process (interleaved repeats in
+                rotating order, best of each), its ratio to ddpm on the same backbone, parameter counts;
+                sampling images/s of DDPM and DDIM-50
     DTR cost    training step time with DTR routing over the same model and weights without it, at the
                 CPU presets and DiT-S/2 (DTR App. E: about 0.6%), against an A/A control of the timing
                 (`python bench.py --only routing` runs this section alone)
@@ -467,9 +467,10 @@ def training_speed(prof, arch, init):
     times = {s["method"]: [] for s in setups}
     for s in setups:
         timed_steps(s, batch, sched, 1)  # warm-up
-    # Interleaved repeats, best of each: a busy machine only ever slows a repeat down.
-    for _ in range(prof["speed_repeats"]):
-        for s in setups:
+    # Interleaved repeats in rotating order (no method is always first after another), best of each:
+    # a busy machine only ever slows a repeat down.
+    for r in range(prof["speed_repeats"]):
+        for s in setups[r % len(setups):] + setups[:r % len(setups)]:
             times[s["method"]].append(timed_steps(s, batch, sched, prof["speed_steps"]))
     rows = []
     for s in setups:
@@ -562,8 +563,8 @@ def sampling_speed(prof, arch):
         fns[m] = diffusion.cfg_model(model, torch.arange(n, device=DEVICE) % cfg["num_classes"], 1.0, cfg["num_classes"])
         fns[m](torch.randn(n, 3, S, S, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
     ddim = {m: [] for m in fns}
-    for _ in range(prof["speed_repeats"]):
-        for m, fn in fns.items():
+    for r in range(prof["speed_repeats"]):
+        for m, fn in list(fns.items())[::1 if r % 2 == 0 else -1]:
             ddim[m].append(timed(lambda: diffusion.ddim_sample(fn, sched, (n, 3, S, S), prof["ddim_steps"], device=DEVICE)))
     rows = [dict(arch=arch, model=prof["models"][arch], method=m, sampler=f"DDIM-{prof['ddim_steps']}",
                  img_per_s=n / min(ts), batch=n) for m, ts in ddim.items()]
