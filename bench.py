@@ -285,9 +285,7 @@ def sdedit(model_fn, sched, x_in, t0, steps, target, generator, known=None):
 
 def held_out(S, n):
     import data
-    ds = data.build_dataset("shapes", S, "test", 0)
-    items = [ds[i] for i in range(n)]
-    return {k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]}
+    return data.first_items(data.build_dataset("shapes", S, "test", 0), n, DEVICE)
 
 
 @torch.no_grad()
@@ -429,29 +427,42 @@ def speed_setups(prof, arch, init):
     return out
 
 
-def timed_steps(s, batch, sched, k):
-    """Seconds for k optimiser steps of a setup on a fixed batch."""
-    s["model"].train()
+def timed(run):
+    """Wall-clock seconds of run(), with the GPU's queued work included."""
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()  # as train.py
     t0 = time.perf_counter()
-    for i in range(k):
-        torch.manual_seed(i)
-        with amp:
-            loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"])
-        s["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        s["opt"].step()
+    run()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
+def timed_steps(s, batch, sched, k):
+    """Seconds for k optimiser steps of a setup on a fixed batch."""
+    s["model"].train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()  # as train.py
+    def steps():
+        for i in range(k):
+            torch.manual_seed(i)
+            with amp:
+                loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"])
+            s["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            s["opt"].step()
+    return timed(steps)
+
+
+def rotated(xs, r):
+    """xs started at position r mod len(xs): repeat r of an interleaved timing, so no item is always first."""
+    r %= len(xs)
+    return list(xs[r:]) + list(xs[:r])
+
+
 def fixed_batch(ds, B):
     """The first B items of ds with timesteps, noise and label dropout drawn as train.py draws them."""
-    items = [ds[i] for i in range(B)]
-    batch = {k: torch.stack([it[k] for it in items]).to(DEVICE) for k in items[0]}
+    import data
+    batch = data.first_items(ds, B, DEVICE)
     g = torch.Generator().manual_seed(0)
     batch["t"] = diffusion.sample_timesteps(B, 1000, generator=g).to(DEVICE)
     batch["noise"] = torch.randn(batch["image"].shape, generator=g).to(DEVICE)
@@ -470,7 +481,7 @@ def training_speed(prof, arch, init):
     # Interleaved repeats in rotating order (no method is always first after another), best of each:
     # a busy machine only ever slows a repeat down.
     for r in range(prof["speed_repeats"]):
-        for s in setups[r % len(setups):] + setups[:r % len(setups)]:
+        for s in rotated(setups, r):
             times[s["method"]].append(timed_steps(s, batch, sched, prof["speed_steps"]))
     rows = []
     for s in setups:
@@ -526,7 +537,7 @@ def routing_cost(prof):
         order = ("a", "dtr", "b")
         times = {k: [] for k in order}
         for r in range(repeats):
-            for k in order[r % 3:] + order[:r % 3]:
+            for k in rotated(order, r):
                 times[k].append(step(k == "dtr"))
         ratio = [d / ((a + b) / 2) for a, d, b in zip(times["a"], times["dtr"], times["b"])]
         aa = [b / a for a, b in zip(times["a"], times["b"])]
@@ -537,16 +548,6 @@ def routing_cost(prof):
         print(f"[bench] routing cost {model_name} {size}px batch {batch_size}: dtr/none "
               f"{rows[-1]['dtr_ratio']['median']:.4f}, A/A {rows[-1]['aa_ratio']['median']:.4f}", flush=True)
     return rows
-
-
-def timed(run):
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -564,7 +565,7 @@ def sampling_speed(prof, arch):
         fns[m](torch.randn(n, 3, S, S, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
     ddim = {m: [] for m in fns}
     for r in range(prof["speed_repeats"]):
-        for m, fn in list(fns.items())[::1 if r % 2 == 0 else -1]:
+        for m, fn in rotated(list(fns.items()), r):
             ddim[m].append(timed(lambda: diffusion.ddim_sample(fn, sched, (n, 3, S, S), prof["ddim_steps"], device=DEVICE)))
     rows = [dict(arch=arch, model=prof["models"][arch], method=m, sampler=f"DDIM-{prof['ddim_steps']}",
                  img_per_s=n / min(ts), batch=n) for m, ts in ddim.items()]

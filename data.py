@@ -642,6 +642,12 @@ def dataset_info(ds):
             "has_depth": "depth" in item, "has_seg": "seg" in item, "size": item["image"].shape[-1]}
 
 
+def first_items(ds, n, device="cpu"):
+    """The first n items of ds (fewer if it is shorter) stacked into one batch dict, on device."""
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
 # -----------------------------------------------------------------------------
 # Preview grid and speed
 

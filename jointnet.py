@@ -220,9 +220,8 @@ _HELDOUT = {}
 def held_out_items(cfg, n):
     """The first n items of the test split (or of --heldout-data), stacked into a batch."""
     import data
-    ds = data.build_dataset(cfg.get("heldout_data") or cfg["data"], cfg["image_size"], "test", cfg["seed"])
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return data.first_items(data.build_dataset(cfg.get("heldout_data") or cfg["data"], cfg["image_size"], "test",
+                                               cfg["seed"]), n)
 
 
 def heldout_batch(cfg, device):
@@ -376,20 +375,14 @@ def sample_joint(model, sched, cfg, n, steps=50, batch=64, eta=0.0, cfg_scale=1.
 # -----------------------------------------------------------------------------
 # Hooks for train.py and sample.py
 
-def _count(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative")
-    return v
-
-
 def add_args(parser):
+    from train import ranged
     g = parser.add_argument_group("jointnet and direct_extend")
     g.add_argument("--init", help="the pretrained RGB run's checkpoint.pt (or a JointNet stage-1 run with --unfreeze)")
     g.add_argument("--unfreeze", action="store_true",
                    help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
     g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
-    g.add_argument("--rgb-heldout", type=_count, default=16, help="held-out images for the logged RGB loss (0: off)")
+    g.add_argument("--rgb-heldout", type=ranged(int, 0), default=16, help="held-out images for the logged RGB loss (0: off)")
     g.add_argument("--heldout-data", help="folder or .npz of held-out items for that loss (default: the shapes "
                    "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
 
@@ -429,16 +422,15 @@ def prepare_config(cfg):
         raise RunError("--init uses random routing, whose masks the dense copy would not share; use dtr or none")
     cfg["dense_channels"] = DENSE_CHANNELS[cfg["dense_modality"]]
     if cfg.get("heldout_data"):
-        import data
         try:
-            info = data.dataset_info(data.build_dataset(cfg["heldout_data"], cfg["image_size"], "test", cfg["seed"]))
+            item = held_out_items(cfg, 1)
         except (OSError, ValueError) as e:
             raise RunError(f"--heldout-data: {e}") from None
-        need = {"depth": "has_depth", "seg": "has_seg"}[cfg["dense_modality"]]
-        if not info[need] or info["channels"] != cfg["in_channels"]:
+        has_dense, channels = cfg["dense_modality"] in item, item["image"].shape[1]
+        if not has_dense or channels != cfg["in_channels"]:
             raise RunError(f"--heldout-data {cfg['heldout_data']} must hold {cfg['in_channels']}-channel images "
-                           f"with {cfg['dense_modality']} like the training data; it has {info['channels']} channels"
-                           f"{'' if info[need] else ' and no ' + cfg['dense_modality']}")
+                           f"with {cfg['dense_modality']} like the training data; it has {channels} channels"
+                           f"{'' if has_dense else ' and no ' + cfg['dense_modality']}")
     elif cfg["rgb_heldout"] and cfg["data"] != "shapes":
         print(f"note: {cfg['data']} has no held-out split, so the logged rgb_heldout loss uses training items "
               "(it shows fitting, not forgetting); pass --heldout-data HELD_OUT_FOLDER_OR_NPZ")

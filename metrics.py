@@ -440,20 +440,13 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
 # -----------------------------------------------------------------------------
 # CLI
 
-def _at_least(lo):
-    def parse(s):
-        if int(s) < lo:
-            raise argparse.ArgumentTypeError(f"{s} is below {lo}")
-        return int(s)
-    return parse
-
-
 def main(argv=None):
+    from train import ranged
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz written by sample.py (`images`: uint8 (N, H, W, C))")
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or an .npz: the real distribution")
-    p.add_argument("--n-ref", type=_at_least(2), help="held-out real images to compare with (default: as many as samples)")
-    p.add_argument("--k", type=_at_least(1), default=3, help="k of the k-NN manifolds for precision/recall")
+    p.add_argument("--n-ref", type=ranged(int, 2), help="held-out real images to compare with (default: as many as samples)")
+    p.add_argument("--k", type=ranged(int, 1), default=3, help="k of the k-NN manifolds for precision/recall")
     p.add_argument("--features", choices=["trained", "random"], default="trained",
                    help="reference net trained on the data's labels, or a fixed random init (folders without labels)")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference net and of the real data")

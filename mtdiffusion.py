@@ -328,15 +328,8 @@ def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=Non
 # -----------------------------------------------------------------------------
 # train.py hooks
 
-def _float_in(lo, hi=float("inf")):
-    def parse(s):
-        if not lo <= float(s) <= hi:
-            raise argparse.ArgumentTypeError(f"{s} is outside [{lo}, {hi}]")
-        return float(s)
-    return parse
-
-
 def add_args(p):
+    from train import ranged
     g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
     g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "
                    "the label (Sec. 4.2) or the segmentation map (App. E.1)")
@@ -345,9 +338,9 @@ def add_args(p):
     g.add_argument("--mt-head", choices=["M", "E"], default="M",
                    help="label head: MLP on the middle block, or classifier on the output")
     g.add_argument("--mt-weights", choices=WEIGHTS, default="sigma", help="task-weight schedule w_t (mtdiffusion.py)")
-    g.add_argument("--mt-scale", type=_float_in(0), default=1.0, help="the constant c of the task-weight schedule")
-    g.add_argument("--mt-lambda", type=_float_in(0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
-    g.add_argument("--mt-drop", type=_float_in(0, 1), default=0.2,
+    g.add_argument("--mt-scale", type=ranged(float, 0), default=1.0, help="the constant c of the task-weight schedule")
+    g.add_argument("--mt-lambda", type=ranged(float, 0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
+    g.add_argument("--mt-drop", type=ranged(float, 0, 1), default=0.2,
                    help="share of samples trained with x unknown (the single-task model)")
 
 
@@ -442,9 +435,7 @@ def add_sample_args(p):
 def heldout_batch(cfg, n, device):
     """The first n held-out items, stacked, on the device."""
     import data
-    ds = data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"])
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+    return data.first_items(data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"]), n, device)
 
 
 def chunked(fn, size, *xs):
@@ -573,11 +564,12 @@ def print_schedules(noise="linear", T=1000, scale=1.0):
 
 
 if __name__ == "__main__":
+    from train import ranged
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
     parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
     parser.add_argument("--T", type=int, default=1000)
-    parser.add_argument("--scale", type=_float_in(0), default=1.0)
+    parser.add_argument("--scale", type=ranged(float, 0), default=1.0)
     args = parser.parse_args()
     if not args.schedules:
         parser.print_help()

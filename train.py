@@ -64,7 +64,8 @@ class RunError(Exception):
     """A problem with the user's input: printed as one sentence, no traceback."""
 
 
-def _ranged(cast, lo=None, hi=None, lo_open=False):
+def ranged(cast, lo=None, hi=None, lo_open=False):
+    """An argparse type: cast the string, refuse values outside [lo, hi] ((lo, hi] with lo_open)."""
     def parse(s):
         v = cast(s)
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
@@ -83,37 +84,37 @@ def get_parser():
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
     a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU")
     a("--data", default="shapes", help="'shapes', a folder of images, or an .npz file")
-    a("--image-size", type=_ranged(int, 8, 512))
+    a("--image-size", type=ranged(int, 8, 512))
     a("--class-cond", type=int, choices=[0, 1], default=1, help="condition on labels when the data has several classes")
-    a("--cfg-drop", type=_ranged(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
-    a("--batch-size", type=_ranged(int, 1), help="global batch size (split across DDP ranks)")
-    a("--lr", type=_ranged(float, 0, lo_open=True))
-    a("--warmup", type=_ranged(int, 0), default=100, help="linear learning-rate warm-up steps")
-    a("--weight-decay", type=_ranged(float, 0), default=0.0)
-    a("--grad-clip", type=_ranged(float, 0), default=1.0, help="max gradient norm (0: off)")
-    a("--ema-decay", type=_ranged(float, 0, 1))
-    a("--steps", type=_ranged(int, 1))
+    a("--cfg-drop", type=ranged(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
+    a("--batch-size", type=ranged(int, 1), help="global batch size (split across DDP ranks)")
+    a("--lr", type=ranged(float, 0, lo_open=True))
+    a("--warmup", type=ranged(int, 0), default=100, help="linear learning-rate warm-up steps")
+    a("--weight-decay", type=ranged(float, 0), default=0.0)
+    a("--grad-clip", type=ranged(float, 0), default=1.0, help="max gradient norm (0: off)")
+    a("--ema-decay", type=ranged(float, 0, 1))
+    a("--steps", type=ranged(int, 1))
     a("--schedule", default="linear", choices=["linear", "cosine"])
-    a("--T", type=_ranged(int, 2), default=1000)
+    a("--T", type=ranged(int, 2), default=1000)
     a("--target", choices=diffusion.TARGETS, help="prediction target (default eps)")
     a("--weighting", choices=minsnr.STRATEGIES, help="per-timestep loss weight (minsnr.py); default none")
-    a("--snr-gamma", type=_ranged(float, 0), help="gamma of min/max-SNR weighting (default 5)")
-    a("--p2-k", type=_ranged(float, 0, lo_open=True), default=1.0)
-    a("--p2-gamma", type=_ranged(float, 0), default=1.0)
+    a("--snr-gamma", type=ranged(float, 0), help="gamma of min/max-SNR weighting (default 5)")
+    a("--p2-k", type=ranged(float, 0, lo_open=True), default=1.0)
+    a("--p2-gamma", type=ranged(float, 0), default=1.0)
     a("--routing", choices=dtr.ROUTINGS, help="channel routing in residual blocks (dtr.py): random is R-TR, "
       "cdtr/ercdt the clustered variants of the DTR paper's App. F")
-    a("--dtr-alpha", type=_ranged(float, 0, 1, lo_open=True), default=0.8, help="activation ratio alpha")
-    a("--dtr-beta", type=_ranged(float, 0, lo_open=True), default=4.0, help="shift exponent beta")
+    a("--dtr-alpha", type=ranged(float, 0, 1, lo_open=True), default=0.8, help="activation ratio alpha")
+    a("--dtr-beta", type=ranged(float, 0, lo_open=True), default=4.0, help="shift exponent beta")
     a("--out", default="runs/default")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const="auto", help="continue OUT/checkpoint.pt (or the given checkpoint)")
-    a("--log-every", type=_ranged(int, 1))
-    a("--ckpt-every", type=_ranged(int, 1))
-    a("--sample-every", type=_ranged(int, 1))
-    a("--sample-steps", type=_ranged(int, 1), default=50, help="DDIM steps for the sample grids")
-    a("--workers", type=_ranged(int, 0))
+    a("--log-every", type=ranged(int, 1))
+    a("--ckpt-every", type=ranged(int, 1))
+    a("--sample-every", type=ranged(int, 1))
+    a("--sample-steps", type=ranged(int, 1), default=50, help="DDIM steps for the sample grids")
+    a("--workers", type=ranged(int, 0))
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--max-nonfinite", type=_ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
+    a("--max-nonfinite", type=ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
     for name in sorted(set(METHOD_MODULES.values())):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).add_args(p)

@@ -432,3 +432,11 @@ def test_preview_cli_writes_a_grid(tmp_path, monkeypatch, capsys):
     im = np.asarray(Image.open(out))
     assert im.shape == (18, 4 * (3 * 16 + 2), 3)  # one row of 4 cells: image | depth | seg, 1 px border
     assert im.std() > 10
+
+
+def test_first_items_stacks_the_first_n_items():
+    ds = data.Shapes(16, "test", seed=3, length=5)
+    b = data.first_items(ds, 3)
+    assert set(b) == set(ds[0]) and b["image"].shape == (3, 3, 16, 16)
+    assert all(torch.equal(b[k][2], ds[2][k]) for k in b)
+    assert len(data.first_items(ds, 10)["label"]) == 5  # a shorter dataset gives what it has
