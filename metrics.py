@@ -19,6 +19,9 @@ What is implemented:
                           chance 0.25), cached per (data, size, seed), retrained when missing or unreadable;
                           features = its pooled last stage (128-d)
     evaluate_images       FD, precision and recall of generated images against held-out real images
+    generated_class_accuracy  share of class-conditional samples the reference net puts in their class;
+                          ceiling: the net's held-out accuracy on real images, floor: chance
+    channel_stats         per-channel mean and std, and the channel deviation (0 for grayscale images)
     restoration           masked_region_mse, unmasked_change, psnr, perceptual_distance
     segmentation          pixel_accuracy, class_iou, mean_iou
     depth                 align_scale_shift (least squares on random pixel subsets, median over solves),
@@ -310,9 +313,11 @@ def reference_images(data_name, size, n, seed=0):
 
 
 def evaluate_images(images, data_name="shapes", n_ref=None, k=3, seed=0, features="trained", cache=None,
-                    net=None, ref_feats=None, verbose=True):
+                    net=None, ref_feats=None, verbose=True, labels=None):
     """FD, precision and recall of generated images (uint8 (N, H, W, C) or float (N, C, H, W)) against
-    n_ref held-out real images (default: as many as generated). Pass `net` / `ref_feats` to reuse them."""
+    n_ref held-out real images (default: as many as generated), and the colour statistics of both. With
+    the `labels` the images were generated for (and a trained net), also the generated-class accuracy
+    with its ceiling and floor. Pass `net` / `ref_feats` to reuse them."""
     x = as_images(images)
     if len(x) <= k:
         raise ValueError(f"need more than k={k} images for precision/recall, got {len(x)}")
@@ -320,14 +325,47 @@ def evaluate_images(images, data_name="shapes", n_ref=None, k=3, seed=0, feature
     info = {}
     if net is None:
         net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose)
+    real = reference_images(data_name, size, n_ref or len(x), seed)
     if ref_feats is None:
-        ref_feats = extract_features(net, reference_images(data_name, size, n_ref or len(x), seed))
+        ref_feats = extract_features(net, real)
     fake = extract_features(net, x)
     if fake.shape[1] != ref_feats.shape[1]:
         raise ValueError("the samples and the reference images give features of different sizes")
     p, r = precision_recall(ref_feats, fake, k)
-    return {"fd": frechet_distance_features(ref_feats, fake), "precision": p, "recall": r,
-            "n": len(x), "n_ref": len(ref_feats), "k": k, "ref_accuracy": info.get("accuracy")}
+    out = {"fd": frechet_distance_features(ref_feats, fake), "precision": p, "recall": r,
+           "n": len(x), "n_ref": len(ref_feats), "k": k, "ref_accuracy": info.get("accuracy"),
+           "colour": channel_stats(x), "colour_real": channel_stats(real)}
+    if labels is not None and info.get("features", "trained") == "trained":
+        out["class"] = generated_class_accuracy(net, x, labels, info.get("accuracy"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Scores a person can check: does a class-conditional sample show its class, do the colours match?
+
+def generated_class_accuracy(net, images, labels, ref_accuracy=None, num_classes=None, batch=256):
+    """Share of class-conditional samples that the reference net assigns to the class they were generated
+    for. Its ceiling is the net's accuracy on held-out real images (`ref_accuracy`: a model that samples
+    the data exactly scores it, up to sampling noise), its floor is chance, 1 / num_classes. `relative`
+    places the score between the two: (acc - floor) / (ceiling - floor)."""
+    x, y = as_images(images), torch.as_tensor(labels).long()
+    if len(x) != len(y):
+        raise ValueError(f"got {len(x)} images but {len(y)} labels")
+    acc = accuracy(net.eval(), x, y, batch)
+    k = num_classes or net.head.out_features
+    out = {"accuracy": acc, "ceiling": ref_accuracy, "floor": 1.0 / k, "relative": None}
+    if ref_accuracy is not None and ref_accuracy > out["floor"]:
+        out["relative"] = (acc - out["floor"]) / (ref_accuracy - out["floor"])
+    return out
+
+
+def channel_stats(images):
+    """Colour statistics of a set of images in [-1, 1]: the per-channel mean and std over all pixels, and
+    the channel deviation, the mean absolute difference between a pixel's channels and their mean (0 for
+    grayscale data; a sampler that paints colour washes onto grey data raises it)."""
+    x = as_images(images).double()                                            # (N, C, H, W)
+    dev = (x - x.mean(1, keepdim=True)).abs().mean().item()
+    return {"mean": x.mean((0, 2, 3)).tolist(), "std": x.std((0, 2, 3)).tolist(), "channel_dev": dev}
 
 
 # -----------------------------------------------------------------------------
@@ -459,12 +497,23 @@ def main(argv=None):
             if "images" not in f:
                 raise ValueError(f"{args.samples} has no 'images' array; use an .npz written by sample.py")
             images = f["images"]
-        r = evaluate_images(images, args.data, args.n_ref, args.k, args.seed, args.features, args.cache)
+            labels = f["labels"] if "labels" in f and args.features == "trained" else None
+            if labels is not None and (labels < 0).any():  # sample.py writes -1 for unconditional samples
+                labels = None
+        r = evaluate_images(images, args.data, args.n_ref, args.k, args.seed, args.features, args.cache,
+                            labels=labels)
     except ValueError as e:
         sys.exit(f"error: {e}")
     acc = "" if r["ref_accuracy"] is None else f", reference net held-out accuracy {r['ref_accuracy']:.3f}"
     print(f"{r['n']} samples vs {r['n_ref']} held-out {args.data} images ({args.features} features{acc})")
     print(f"FD {r['fd']:.3f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  (k={r['k']})")
+    if "class" in r and r["class"]["ceiling"] is not None:
+        c = r["class"]
+        print(f"generated-class accuracy {c['accuracy']:.3f} (ceiling {c['ceiling']:.3f}: the reference net on real "
+              f"images; floor {c['floor']:.3f}: chance; relative {c['relative']:.2f})")
+    fmt = lambda v: "[" + ", ".join(f"{u:+.3f}" for u in v) + "]"
+    for name, s in (("samples", r["colour"]), ("real", r["colour_real"])):
+        print(f"{name:>7}: channel mean {fmt(s['mean'])}  std {fmt(s['std'])}  channel deviation {s['channel_dev']:.3f}")
     return r
 
 

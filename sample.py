@@ -6,8 +6,8 @@ The one sampling CLI: load a checkpoint written by train.py and draw samples.
     python sample.py --ckpt RUN/checkpoint.pt --cfg-scale 3 --class 2       # classifier-free guidance
     torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --num-samples 50000  # one .npz
 
-Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`). Methods with their
-own sampling tasks (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices,
+Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`, -1 for an unconditional
+model; `python metrics.py --samples OUT.npz` scores them). Methods with their own sampling tasks (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices,
 implemented in their paper's file.
 """
 import argparse
@@ -74,7 +74,7 @@ def generate(model, sched, cfg, args, n, offset, generator, device):
         else:
             x = diffusion.ddpm_sample(fn, sched, shape, args.steps, **common)
         out.append(x.cpu())
-        labels.append(y if y is not None else torch.zeros(b, dtype=torch.long))
+        labels.append(y if y is not None else torch.full((b,), -1, dtype=torch.long))  # -1: unconditional
     return torch.cat(out), torch.cat(labels)
 
 

@@ -257,3 +257,53 @@ def test_cli_rejects_bad_input(tmp_path):
     np.savez(tmp_path / "x.npz", other=np.zeros(3))
     with pytest.raises(SystemExit, match="no 'images' array"):
         metrics.main(["--samples", str(tmp_path / "x.npz")])
+
+
+# -----------------------------------------------------------------------------
+# Generated-class accuracy and colour statistics
+
+def test_generated_class_accuracy_of_real_images_is_the_reference_accuracy(tmp_path, monkeypatch):
+    # Real held-out images "generated" for their true labels score exactly the reference net's held-out
+    # accuracy: the ceiling of the score, reached with relative score 1.
+    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path))
+    net, info = metrics.load_feature_net("shapes", 16, seed=0, n_train=256, n_test=64, steps=60)
+    _, held, start = metrics.reference_split("shapes", 16)
+    x, y = metrics.stack_items(held, 64, start)
+    r = metrics.generated_class_accuracy(net, x, y, info["accuracy"])
+    assert info["accuracy"] > 0.4  # the net learned something, so the ceiling sits above the floor
+    assert r["accuracy"] == info["accuracy"] and r["relative"] == pytest.approx(1.0)
+    assert r["floor"] == 0.25 and r["ceiling"] == info["accuracy"]
+    # Labels that disagree with the images drop the score; chance-level guessing gives relative ~0.
+    shuffled = metrics.generated_class_accuracy(net, x, (y + 1) % 4, info["accuracy"])
+    assert shuffled["accuracy"] < r["accuracy"] and shuffled["relative"] < 0.5
+    # A uint8 (N, H, W, C) array, as sample.py writes it, scores like the float images it encodes.
+    u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert abs(metrics.generated_class_accuracy(net, u8, y)["accuracy"] - r["accuracy"]) <= 2 / 64
+    with pytest.raises(ValueError, match="labels"):
+        metrics.generated_class_accuracy(net, x, y[:10])
+
+
+def test_channel_stats_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    grey = (torch.rand(8, 1, 6, 6, generator=g) * 2 - 1).repeat(1, 3, 1, 1)
+    s = metrics.channel_stats(grey)
+    assert s["channel_dev"] == pytest.approx(0.0, abs=1e-12)  # grayscale: every pixel's channels agree
+    assert s["mean"][0] == pytest.approx(grey[:, 0].double().mean().item())
+    assert s["std"][1] == pytest.approx(grey[:, 1].double().std().item())
+    # Channels (a, a + d, a - d): deviations |0|, |d|, |d| from the pixel mean a, so the mean is 2|d|/3.
+    d = 0.3
+    tinted = torch.cat([grey[:, :1], grey[:, :1] + d, grey[:, :1] - d], 1)
+    assert metrics.channel_stats(tinted)["channel_dev"] == pytest.approx(2 * d / 3, rel=1e-6)
+    assert metrics.channel_stats(tinted)["mean"][1] - metrics.channel_stats(tinted)["mean"][0] == pytest.approx(d, rel=1e-6)
+
+
+def test_cli_prints_colour_statistics(tmp_path, capsys):
+    # Unconditional samples (labels -1, as sample.py writes them) get colour statistics and no class score.
+    _, held, start = metrics.reference_split("shapes", 16)
+    x, _ = metrics.stack_items(held, 32, start)
+    u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "u.npz", images=u8, labels=-np.ones(32, np.int64))
+    r = metrics.main(["--samples", str(tmp_path / "u.npz"), "--features", "random", "--cache", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "class" not in r and "channel deviation" in out
+    assert r["colour"]["mean"] == pytest.approx(metrics.channel_stats(u8)["mean"])
