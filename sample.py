@@ -7,8 +7,9 @@ The one sampling CLI: load a checkpoint written by train.py and draw samples.
     torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --num-samples 50000  # one .npz
 
 Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`, -1 for an unconditional
-model; `python metrics.py --samples OUT.npz` scores them). Methods with their own sampling tasks (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices,
-implemented in their paper's file.
+model; `python metrics.py --samples OUT.npz` scores them). Methods with their own sampling tasks
+(MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices, implemented in their
+paper's file.
 """
 import argparse
 import importlib
