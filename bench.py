@@ -87,6 +87,15 @@ PROFILES = {
                                 rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
                                 mt_patches=3, routing_cost=(("unet-cpu", 32, 16, 150), ("DiT-T/4", 32, 16, 150),
                                                             ("DiT-S/2", 32, 8, 90)))},
+    # The recipe study (--recipe): variants of the plain ddpm baseline's settings, one seed; see RECIPE_VARIANTS.
+    "recipe": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, grad_clip=1.0, ema_decay=0.999,
+                                 schedule="linear", checkpoints=(4000,), seeds=(0,), log_every=50, n_eval=256, n_ref=1024,
+                                 eval_steps=50, eval_eta=1.0, grid_steps=10, speed_steps=3, speed_repeats=5)},
+    # Evidence on 2 CPU cores (--cpu): the recipe the study chose, every row with three seeds, paired claims.
+    "cpu": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, grad_clip=1.0, ema_decay=0.999,
+                              schedule="linear", checkpoints=(500, 1000, 2000, 4000), seeds=(0, 1, 2), log_every=50,
+                              n_eval=256, n_ref=1024, eval_steps=50, eval_eta=1.0, grid_steps=10, rgb_heldout=16,
+                              n_restore=64, mt_patches=3, min_snr_gamma=5.0, max_snr_gamma=1.0)},
     # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
     "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
                                seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
@@ -120,10 +129,14 @@ def call_train(argv, log_path):
 
 def common_flags(prof, arch, seed):
     p = prof
-    return ["--model", p["models"][arch], "--image-size", str(p["image_size"]), "--batch-size", str(p["batch_size"]),
-            "--lr", str(p["lr"]), "--warmup", str(p["warmup"]), "--log-every", str(p["log_every"]),
-            "--ckpt-every", str(p["checkpoints"][-1]), "--sample-every", str(p["checkpoints"][-1]),
-            "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", str(p["workers"])]
+    flags = ["--model", p["models"][arch], "--image-size", str(p["image_size"]), "--batch-size", str(p["batch_size"]),
+             "--lr", str(p["lr"]), "--warmup", str(p["warmup"]), "--log-every", str(p["log_every"]),
+             "--ckpt-every", str(p["checkpoints"][-1]), "--sample-every", str(p["checkpoints"][-1]),
+             "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", str(p["workers"])]
+    for k in ("grad_clip", "ema_decay", "schedule"):  # recipe settings, where a profile fixes them
+        if k in p:
+            flags += [f"--{k.replace('_', '-')}", str(p[k])]
+    return flags
 
 
 def train_in_segments(out, flags, checkpoints, on_checkpoint):
@@ -159,21 +172,28 @@ def loss_bins(log, after_step):
 class Scorer:
     """The reference net and the features of n_ref held-out real images, computed once per profile. FD uses
     all n_ref; precision/recall the first n_eval, since both depend on the sizes of the two sets (as equal
-    sizes in Kynkaanniemi et al.)."""
+    sizes in Kynkaanniemi et al.). Also the generated-class accuracy of class-conditional samples and the
+    colour statistics (metrics.py). `floor` scores n_eval further held-out real images with their true
+    labels: FD's noise floor and the class accuracy's ceiling at this N."""
 
     def __init__(self, prof, cache=None):
         S = prof["image_size"]
         self.net, self.info = metrics.load_feature_net("shapes", S, 0, "trained", cache, **prof["featnet"])
         self.net = self.net.to(DEVICE)
         self.ref = metrics.extract_features(self.net, metrics.reference_images("shapes", S, prof["n_ref"]), device=DEVICE)
-        # The floor: n_eval further held-out real images scored like samples (FD > 0 from finite N alone).
         _, held, _ = metrics.reference_split("shapes", S)
-        self.floor = self(metrics.stack_items(held, prof["n_eval"], prof["n_ref"])[0])
+        self.floor = self(*metrics.stack_items(held, prof["n_eval"], prof["n_ref"]))
 
-    def __call__(self, images):
+    def __call__(self, images, labels=None):
         feats = metrics.extract_features(self.net, images, device=DEVICE)
         p, r = metrics.precision_recall(self.ref[:len(feats)], feats)
-        return {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r}
+        colour = metrics.channel_stats(images)
+        out = {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r,
+               "channel_dev": colour["channel_dev"], "std": statistics.fmean(colour["std"])}
+        if labels is not None:
+            out["class_acc"] = metrics.generated_class_accuracy(self.net.cpu(), images, labels)["accuracy"]
+            self.net.to(DEVICE)
+        return out
 
 
 @torch.no_grad()
@@ -181,30 +201,31 @@ def generate(model, sched, cfg, n, steps, seed, eta=0.0, batch=256):
     """n images from a run's model by DDIM(steps, eta) with the same noise for every row (bench fixes the
     sampler itself, whatever train.py's sample grids use): the plain sampler for the ddpm family,
     Algorithm 1's jointly generated image for MT-Diffusion, the RGB half of joint samples for JointNet and
-    Direct Extend. Labels cycle through the classes."""
+    Direct Extend. Labels cycle through the classes. Returns (images, labels or None when unconditional)."""
     g = torch.Generator(DEVICE).manual_seed(10_000 + seed)
-    out = []
+    K = cfg["num_classes"]
+    out, labels = [], torch.arange(n) % K if K else None
     for i in range(0, n, batch):
         b = min(batch, n - i)
         shape = (b, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        y = labels[i:i + b].to(DEVICE) if K else None
         if cfg["method"] == "mtdiff":
             import mtdiffusion as mt
             x = mt.mt_sample(model, sched, shape, steps, eta, target=cfg["target"], generator=g, device=DEVICE)[0]
         elif cfg["method"] in ("jointnet", "direct_extend"):
             import jointnet as jn
-            x = jn.sample_joint(model, sched, cfg, b, steps, batch=b, eta=eta, generator=g, device=DEVICE)[0]
+            x = jn.sample_joint(model, sched, cfg, b, steps, batch=b, eta=eta, labels=y, generator=g, device=DEVICE)[0]
         else:
-            y = torch.arange(b, device=DEVICE) % cfg["num_classes"] if cfg["num_classes"] else None
-            fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+            fn = diffusion.cfg_model(model, y, 1.0, K)
             x = diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=g, device=DEVICE)
         out.append(x.float().cpu())                                                  # (b, C, S, S)
-    return torch.cat(out)
+    return torch.cat(out), labels
 
 
 def score_checkpoint(prof, scorer, seed):
     def on_checkpoint(path, step):
         model, cfg, sched = train.load_run(path, device=DEVICE)
-        return scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
+        return scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
     return on_checkpoint
 
 
@@ -674,7 +695,7 @@ def fd_noise(prof, scorer, rows, summary):
     if base is None:
         return {"fd": None}
     model, cfg, sched = train.load_run(os.path.join(base["out"], "checkpoint.pt"), device=DEVICE)
-    again = scorer(generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1, prof["eval_eta"]))["fd"]
+    again = scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1, prof["eval_eta"]))["fd"]
     resample = abs(again - base["scores"][str(prof["checkpoints"][-1])]["fd"])
     seed_std = max((v[f"fd@{prof['checkpoints'][-1]}"]["std"] for v in summary.values()), default=0.0)
     return {"fd": max(resample, seed_std), "resample": resample, "seed_std": seed_std}
@@ -767,6 +788,510 @@ def routing_markdown(rows):
 
 
 # -----------------------------------------------------------------------------
+# Evidence profiles (--cpu, --recipe): several seeds, paired differences, resumable
+#
+# Every finished unit (one row, one seed, one checkpoint) is written to the results file at once; the
+# same command run again skips what is stored and continues a half-trained run from its checkpoint
+# (train.py resumes exactly), or retrains it from step 0 when the run folder is gone (training is
+# deterministic, so the stored scores stay valid).
+
+class Store:
+    """Finished units {key: result} in one JSON file, rewritten atomically after every unit. `settings` is
+    what the results depend on: a file written with other settings is refused, not mixed in."""
+
+    def __init__(self, path, settings):
+        self.path, self.doc = path, {"settings": settings, "units": {}}
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+            if json.dumps(old.get("settings"), sort_keys=True) != json.dumps(settings, sort_keys=True):
+                raise ValueError(f"{path} holds results of other settings; pass another --json or move it away "
+                                 "to start over")
+            self.doc["units"] = old["units"]
+
+    def get(self, key):
+        return self.doc["units"].get(key)
+
+    def put(self, key, value):
+        self.doc["units"][key] = value
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.doc, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def unit_key(name, seed, step):
+    return f"{name}|seed{seed}|step{step}"
+
+
+def saved_step(out):
+    """The step of the checkpoint in a run folder, or None."""
+    path = os.path.join(out, "checkpoint.pt")
+    return train.load_checkpoint(path)["step"] if os.path.isfile(path) else None
+
+
+def train_row_resumable(prof, store, root, spec, seed, score, extra=()):
+    """Train one row with one seed to each checkpoint in turn and store score(checkpoint path, step) for
+    each; finished checkpoints are skipped. A run that stops on non-finite losses is stored as diverged.
+    Returns {step: score} for every checkpoint reached."""
+    name, cks = spec["name"], prof["checkpoints"]
+    out = os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
+    keys = {c: unit_key(name, seed, c) for c in cks}
+    if all(store.get(k) is not None for k in keys.values()) or any((store.get(k) or {}).get("diverged") for k in keys.values()):
+        return {c: store.get(k) for c, k in keys.items() if store.get(k) is not None}
+    flags = ["--method", spec["method"], *spec.get("flags", ()), *common_flags(prof, spec["arch"], seed), *extra]
+    at = saved_step(out)
+    if at is None or any(store.get(keys[c]) is None for c in cks if c < at):
+        at = None  # nothing to continue from: train from step 0 (deterministic, so stored scores stay valid)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+    for c in cks:
+        if at is not None and c < at:
+            continue
+        t0 = time.time()
+        if at is None or c > at:
+            argv = flags + ["--steps", str(c), "--out", out] if at is None else ["--resume", "--out", out, "--steps", str(c)]
+            try:
+                call_train(argv, out + ".log")
+            except RuntimeError as e:
+                with open(out + ".log") as f:
+                    if "not finite" not in f.read():
+                        raise
+                store.put(keys[c], {"diverged": True, "message": str(e)})
+                print(f"[bench] {name} seed {seed} diverged before step {c}", flush=True)
+                break
+            if saved_step(out) != c:  # train.py saved and returned early: Ctrl-C or SIGTERM
+                raise KeyboardInterrupt
+        at = c
+        if store.get(keys[c]) is None:
+            result = score(os.path.join(out, "checkpoint.pt"), c)
+            result.update(train_s=time.time() - t0, loss_bins=loss_bins(read_log(out), max([0] + [x for x in cks if x < c])))
+            store.put(keys[c], result)
+            print(f"[bench] {name} seed {seed} step {c}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+    return {c: store.get(k) for c, k in keys.items() if store.get(k) is not None}
+
+
+def paired(a, b, boots=10_000, level=0.95, seed=0):
+    """Paired differences a_s - b_s over seeds s: their mean and a percentile-bootstrap interval of the mean
+    (seeds resampled with replacement)."""
+    d = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(len(d), (boots, len(d)), generator=g)].mean(1).sort().values
+    return {"mean": d.mean().item(), "lo": means[int((1 - level) / 2 * boots)].item(),
+            "hi": means[int((1 + level) / 2 * boots) - 1].item(), "diffs": d.tolist(), "n": len(d)}
+
+
+def verdict(ci, sign):
+    """'holds' when the whole interval is on the claim's side (sign +1: the claim says a > b, -1: a < b),
+    'contradicted' when the whole interval is on the other side, else 'unresolved'."""
+    lo, hi = sorted((sign * ci["lo"], sign * ci["hi"]))
+    return "holds" if lo > 0 else "contradicted" if hi < 0 else "unresolved"
+
+
+def evidence_specs(prof):
+    """The rows of an evidence profile. Rows whose training is identical share one run (run_key), e.g.
+    eps-prediction with SNR weighting is weight 1 on the eps loss, i.e. the ddpm row."""
+    specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m) for a in prof["arches"] for m in prof["methods"]]
+    for t in prof["targets"]:
+        for w in prof["weightings"]:
+            gamma = prof["max_snr_gamma"] if w == "max_snr" else prof["min_snr_gamma"]
+            specs.append(dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t,
+                              weighting=w, gamma=gamma, flags=["--target", t, "--weighting", w, "--snr-gamma", str(gamma)]))
+    keys = {}
+    for s in specs:
+        k = run_key(s) + (s.get("gamma", 5.0) if run_key(s)[2] in ("min_snr", "max_snr") else None,)
+        if k in keys:
+            s["shared_with"] = keys[k]
+        else:
+            keys[k] = s["name"]
+    return specs
+
+
+def checkpoint_scorer(prof, scorer, seed):
+    def score(path, step):
+        model, cfg, sched = train.load_run(path, device=DEVICE)
+        return scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
+    return score
+
+
+def stored(store, key, compute):
+    """store[key], computed and stored first if missing."""
+    if store.get(key) is None:
+        store.put(key, compute())
+    return store.get(key)
+
+
+def evidence_rows(prof, store, scorer, root):
+    """Train and score every row and seed (skipping stored units); the extra evaluations of MT-Diffusion and
+    JointNet at the final checkpoint. Returns {row name: {seed: {step: scores, plus extras}}}."""
+    res, last = {}, prof["checkpoints"][-1]
+    specs = evidence_specs(prof)
+    for seed in prof["seeds"]:
+        for spec in specs:
+            if "shared_with" not in spec:
+                res.setdefault(spec["name"], {})[seed] = train_row_resumable(
+                    prof, store, root, spec, seed, checkpoint_scorer(prof, scorer, seed))
+        for spec in specs:
+            if "shared_with" in spec:
+                res.setdefault(spec["name"], {})[seed] = res[spec["shared_with"]][seed]
+        base = os.path.join(root, f"unet_ddpm-seed{seed}", "checkpoint.pt")
+        # MT-Diffusion: masked-image training and the label head (Sec. 4.1-4.2)
+        mt = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method="mtdiff",
+                  flags=["--task", "masked", "--class-cond", "0"])
+        res.setdefault(mt["name"], {})[seed] = train_row_resumable(prof, store, root, mt, seed, checkpoint_scorer(prof, scorer, seed))
+        res[mt["name"]][seed]["restoration"] = stored(store, unit_key(mt["name"], seed, "restoration"), lambda: restoration(
+            prof, scorer, os.path.join(root, f"unet_mtdiff-masked-seed{seed}", "checkpoint.pt"), base, seed))
+        lab = dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", flags=["--task", "label"])
+        train_row_resumable({**prof, "checkpoints": (last,)}, store, root, lab, seed, lambda p, s: {"trained": True})
+        res[lab["name"]] = res.get(lab["name"], {})
+        res[lab["name"]][seed] = {"labels": stored(store, unit_key(lab["name"], seed, "labels"), lambda: label_accuracy(
+            prof, os.path.join(root, f"unet_mtdiff-label-seed{seed}", "checkpoint.pt")))}
+        # JointNet and Direct Extend from this seed's ddpm run (Sec. 3, Fig. 8)
+        for method in ("jointnet", "direct_extend"):
+            spec = dict(group="jointnet", name=f"unet/{method}", arch="unet", method=method)
+            extra = ["--init", base, "--rgb-heldout", str(prof["rgb_heldout"])]
+            r = train_row_resumable(prof, store, root, spec, seed, checkpoint_scorer(prof, scorer, seed), extra)
+            out = os.path.join(root, f"unet_{method}-seed{seed}")
+            def extras():
+                held = [x["rgb_heldout"] for x in read_log(out) if x.get("rgb_heldout") is not None]
+                return {"rgb_heldout": {"first": held[0], "last": held[-1]},
+                        "depth": rgb_to_depth(prof, os.path.join(out, "checkpoint.pt"), seed)}
+            r.update(stored(store, unit_key(spec["name"], seed, "extras"), extras))
+            res.setdefault(spec["name"], {})[seed] = r
+    return res, specs
+
+
+def final(rows, name, metric, step):
+    """Per-seed values of metric at step (None for a seed whose run diverged or lacks it), seed order."""
+    out = {}
+    for seed, r in rows.get(name, {}).items():
+        v = r.get(step) or {}
+        out[seed] = None if v.get("diverged") else v.get(metric)
+    return out
+
+
+def mean_over_checkpoints(rows, name, metric, cks):
+    out = {}
+    for seed, r in rows.get(name, {}).items():
+        vals = [(r.get(c) or {}).get(metric) for c in cks]
+        out[seed] = None if any(v is None for v in vals) else statistics.fmean(vals)
+    return out
+
+
+def steps_to_reach(curve, target):
+    """First step at which a falling FD curve [(step, fd)] reaches target, linearly interpolated; None if never."""
+    prev = None
+    for step, fd in curve:
+        if fd <= target:
+            if prev is None:
+                return float(step)
+            (s0, f0) = prev
+            return s0 + (f0 - target) / (f0 - fd) * (step - s0)
+        prev = (step, fd)
+    return None
+
+
+def evidence_claims(prof, rows):
+    """Each claim as a paired comparison over seeds: the mean difference a - b with its 95% bootstrap
+    interval and a verdict (holds / contradicted / unresolved)."""
+    cks, last = prof["checkpoints"], prof["checkpoints"][-1]
+    out = []
+    def add(claim, source, what, a, b, sign, va, vb):
+        seeds = [s for s in va if va[s] is not None and vb.get(s) is not None]
+        if len(seeds) < 2:
+            out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, verdict="not enough seeds", n=len(seeds)))
+            return
+        ci = paired([va[s] for s in seeds], [vb[s] for s in seeds])
+        out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, verdict=verdict(ci, sign),
+                        mean_a=statistics.fmean(va[s] for s in seeds), mean_b=statistics.fmean(vb[s] for s in seeds),
+                        ci=ci, n=len(seeds)))
+    fd = lambda n: final(rows, n, "fd", last)
+    acc = lambda n: final(rows, n, "class_acc", last)
+    auc = lambda n: mean_over_checkpoints(rows, n, "fd", cks)
+    for a in prof["arches"]:
+        p = lambda m: f"{a}/{m}"
+        add(f"DTR lowers FD ({a})", "DTR Table 1", f"FD@{last}", p("dtr"), p("ddpm"), -1, fd(p("dtr")), fd(p("ddpm")))
+        add(f"DTR raises generated-class accuracy ({a})", "DTR Table 1", f"class acc@{last}", p("dtr"), p("ddpm"), +1,
+            acc(p("dtr")), acc(p("ddpm")))
+        add(f"DTR converges faster ({a})", "DTR Fig. 5", "FD mean over checkpoints", p("dtr"), p("ddpm"), -1,
+            auc(p("dtr")), auc(p("ddpm")))
+        add(f"random routing (R-TR) is worse than DTR ({a})", "DTR Table 1", f"FD@{last}", p("rtr"), p("dtr"), +1,
+            fd(p("rtr")), fd(p("dtr")))
+        add(f"DTR + Min-SNR beats DTR ({a})", "DTR Table 2", f"FD@{last}", p("dtr_minsnr"), p("dtr"), -1,
+            fd(p("dtr_minsnr")), fd(p("dtr")))
+        add(f"DTR + Min-SNR beats Min-SNR ({a})", "DTR Table 2", f"FD@{last}", p("dtr_minsnr"), p("minsnr"), -1,
+            fd(p("dtr_minsnr")), fd(p("minsnr")))
+    for t in prof["targets"]:
+        for w in prof["weightings"]:
+            if w != "min_snr":
+                a, b = f"unet/{t}/min_snr", f"unet/{t}/{w}"
+                add(f"min-SNR-{prof['min_snr_gamma']:g} converges faster than {w} ({t}-prediction)", "Min-SNR Fig. 5",
+                    "FD mean over checkpoints", a, b, -1, auc(a), auc(b))
+    rest = rows.get("unet/mtdiff-masked", {})
+    if rest:
+        mse = lambda k: {s: r["restoration"][k]["masked_mse"] for s, r in rest.items()}
+        ours = {s: min(r["restoration"]["MT-Diffusion (Alg. 1)"]["masked_mse"], r["restoration"]["MT-Diffusion + paste"]["masked_mse"]) for s, r in rest.items()}
+        base = {s: min(v["masked_mse"] for k, v in r["restoration"].items() if k.startswith("ddpm")) for s, r in rest.items()}
+        add("masked-image training restores better than SDEdit / replacement", "MT-Diffusion Table 1", "masked-region MSE",
+            "MT-Diffusion (better of Alg. 1 and + paste)", "ddpm (better of SDEdit and replacement)", -1, ours, base)
+    labs = {s: r["labels"] for s, r in rows.get("unet/mtdiff-label", {}).items()}
+    if labs:
+        head = {s: v["mt_head"] for s, v in labs.items()}
+        add("the label head beats the same network trained by cross-entropy over uniform t", "MT-Diffusion Fig. 6",
+            "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, uniform t", +1, head,
+            {s: v["supervised_noisy"] for s, v in labs.items()})
+        add("the label head beats a classifier trained on clean images", "MT-Diffusion Fig. 6",
+            "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, clean images", +1, head,
+            {s: v["supervised"] for s, v in labs.items()})
+    jn, de = rows.get("unet/jointnet", {}), rows.get("unet/direct_extend", {})
+    if jn and de:
+        rise = lambda rs: {s: r["rgb_heldout"]["last"] / r["rgb_heldout"]["first"] - 1 for s, r in rs.items()}
+        add("Direct Extend forgets RGB more than JointNet", "JointNet Sec. 3 (Fig. 8's samples)",
+            "relative rise of the held-out RGB loss", "unet/direct_extend", "unet/jointnet", +1, rise(de), rise(jn))
+        add("JointNet's RGB samples are better than Direct Extend's", "JointNet Fig. 8", f"RGB FD@{last}",
+            "unet/jointnet", "unet/direct_extend", -1, fd("unet/jointnet"), fd("unet/direct_extend"))
+    return out
+
+
+def time_to_target(prof, rows):
+    """Min-SNR's speed-up: steps min-SNR needs to reach each other weighting's final FD (same target, same
+    seed), as a ratio final steps / needed steps (the Min-SNR paper reports 3.4x)."""
+    cks, last, out = prof["checkpoints"], prof["checkpoints"][-1], []
+    for t in prof["targets"]:
+        for w in prof["weightings"]:
+            if w == "min_snr":
+                continue
+            per_seed = {}
+            for seed, r in rows.get(f"unet/{t}/min_snr", {}).items():
+                other = (rows.get(f"unet/{t}/{w}", {}).get(seed) or {}).get(last) or {}
+                if other.get("diverged") or other.get("fd") is None or any(r.get(c) is None for c in cks):
+                    continue
+                need = steps_to_reach([(c, r[c]["fd"]) for c in cks], other["fd"])
+                per_seed[seed] = None if need is None else last / need
+            out.append(dict(target=t, weighting=w, speedup=per_seed))
+    return out
+
+
+def baseline_check(prof, rows, scorer, name="unet/ddpm"):
+    """Does the baseline learn? Its mean FD at each checkpoint (falling?) and its generated-class accuracy at
+    the end relative to the ceiling (the reference net on real images) and the floor (chance)."""
+    cks = prof["checkpoints"]
+    fds = [mean_std(list(final(rows, name, "fd", c).values())) for c in cks]
+    acc = mean_std(list(final(rows, name, "class_acc", cks[-1]).values()))
+    ceiling, floor = scorer.info["accuracy"], 0.25
+    rel = None if acc is None else (acc["mean"] - floor) / (ceiling - floor)
+    return dict(row=name, fd=fds, falls=all(a is not None and b is not None and b["mean"] < a["mean"] for a, b in zip(fds, fds[1:])),
+                class_acc=acc, ceiling=ceiling, floor=floor, relative=rel)
+
+
+def fmt_ci(c, digits=3):
+    return f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]"
+
+
+def evidence_markdown(report):
+    p, cks, rows = report["profile"], report["profile"]["checkpoints"], report["rows"]
+    b = report["baseline"]
+    lines = [f"# Evidence ({report['profile_name']} profile)", "",
+             f"`{report['command']}`; {report['hardware']}; this invocation {report['wall_s'] / 60:.1f} min "
+             f"({report['units']} units stored in all).", "",
+             f"Every row trains with the same recipe: {p['image_size']}px shapes, {p['models']['unet']} / {p['models']['dit']}, "
+             f"batch {p['batch_size']}, lr {p['lr']} (warm-up {p['warmup']}), gradient clipping {p.get('grad_clip', 1.0)}, "
+             f"EMA {p.get('ema_decay', 0.999)}, {p.get('schedule', 'linear')} schedule, checkpoints at {list(cks)} steps, "
+             f"seeds {list(p['seeds'])}. Scores: {p['n_eval']} DDIM-{p['eval_steps']} (eta {p['eval_eta']:g}) samples per "
+             f"checkpoint, the same noise for every row of a seed; FD against {p['n_ref']} held-out images in the reference "
+             f"CNN's features; generated-class accuracy = the share of class-conditional samples the reference CNN puts "
+             f"in their class (ceiling {report['floor']['class_acc']:.3f}: held-out real images; floor "
+             f"{b['floor']:.3f}: chance); real-vs-real FD at this N: {report['floor']['fd']:.2f}.", "",
+             "Verdicts compare two rows seed by seed: the mean paired difference a - b with a 95% bootstrap interval "
+             "over seeds. *holds*: the whole interval is on the claim's side; *contradicted*: on the other side; "
+             "*unresolved*: it spans zero.", "",
+             "## Does the baseline learn?", "",
+             f"{b['row']}: FD " + " -> ".join(fmt(x) for x in b["fd"]) + f" at steps {list(cks)} "
+             f"({'falls at every checkpoint' if b['falls'] else 'does NOT fall at every checkpoint'}); generated-class "
+             f"accuracy {fmt(b['class_acc'], 3)}, " + ("-" if b["relative"] is None else f"{b['relative']:.2f}") +
+             " of the way from chance to the ceiling.", "",
+             "## Claims", "", "| claim | paper | metric | a | b | mean a | mean b | a - b [95% CI] | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["claims"]:
+        if "ci" not in c:
+            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {c['n']} | {c['verdict']} |")
+            continue
+        lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.3f} | "
+                     f"{c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {c['n']} | **{c['verdict']}** |")
+    cols = " | ".join(f"FD@{c}" for c in cks)
+    lines += ["", "## Rows", "", "Mean ± std over seeds. Channel deviation: mean |pixel channel - pixel mean| "
+              f"(real images: {report['floor']['channel_dev']:.3f}).", "",
+              f"| row | {cols} | class acc | channel dev | sample std | seeds | diverged |", "|---" * (len(cks) + 6) + "|"]
+    for name, per_seed in rows.items():
+        if not any(isinstance(k, int) or str(k).isdigit() for r in per_seed.values() for k in r):
+            continue
+        v = lambda m, c: mean_std(list(final(rows, name, m, c).values()))
+        div = sum(1 for r in per_seed.values() if any((x or {}).get("diverged") for x in r.values() if isinstance(x, dict)))
+        lines.append(f"| {name} | " + " | ".join(fmt(v('fd', c)) for c in cks) + f" | {fmt(v('class_acc', cks[-1]), 3)} | "
+                     f"{fmt(v('channel_dev', cks[-1]), 3)} | {fmt(v('std', cks[-1]), 3)} | {len(per_seed)} | {div} |")
+    tt = [r for r in report["time_to_target"] if r["speedup"]]
+    if tt:
+        lines += ["", "## Min-SNR time to target", "", "Steps min-SNR needs to reach the other weighting's final FD, as final "
+                  "steps / needed steps per seed (>1: min-SNR gets there sooner; '-': never within the run).", "",
+                  "| target | other weighting | speed-up per seed |", "|---|---|---|"]
+        lines += [f"| {r['target']} | {r['weighting']} | " + ", ".join("-" if x is None else f"{x:.2f}x" for x in r["speedup"].values()) + " |"
+                  for r in tt]
+    rest = rows.get("unet/mtdiff-masked", {})
+    if rest:
+        lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {p['mt_patches']} hidden patches)", "",
+                  "| method | masked-region MSE | unmasked change | seeds |", "|---|---|---|---|"]
+        for k in next(iter(rest.values()))["restoration"]:
+            m = lambda f: mean_std([r["restoration"][k][f] for r in rest.values()])
+            lines.append(f"| {k} | {fmt(m('masked_mse'), 4)} | {fmt(m('unmasked_change'), 4)} | {len(rest)} |")
+    labs = [r["labels"] for r in rows.get("unet/mtdiff-label", {}).values()]
+    if labs:
+        lines += ["", "## MT-Diffusion label head (held-out accuracy at t = 0)", "", "| model | accuracy | seeds |", "|---|---|---|"]
+        for k, title in (("mt_head", "MT-Diffusion head"), ("supervised_noisy", "same network, cross-entropy over uniform t"),
+                         ("supervised", "same network, cross-entropy on clean images")):
+            lines.append(f"| {title} | {fmt(mean_std([x[k] for x in labs]), 3)} | {len(labs)} |")
+    jn = {n: rows.get(n, {}) for n in ("unet/jointnet", "unet/direct_extend")}
+    if all(jn.values()):
+        lines += ["", "## JointNet and Direct Extend", "", "RGB -> depth is the replacement-only setting (known RGB pasted at "
+                  "every step), which the JointNet paper itself calls weak; it is reported, not claimed.", "",
+                  "| row | held-out RGB loss, first log | last log | RGB -> depth AbsRel | RMSE (disparity) | seeds |", "|---|---|---|---|---|---|"]
+        for n, rs in jn.items():
+            m = lambda f: mean_std([f(r) for r in rs.values()])
+            lines.append(f"| {n} | {fmt(m(lambda r: r['rgb_heldout']['first']), 4)} | {fmt(m(lambda r: r['rgb_heldout']['last']), 4)} | "
+                         f"{fmt(m(lambda r: r['depth']['abs_rel']), 4)} | {fmt(m(lambda r: r['depth']['rmse']), 4)} | {len(rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evidence(prof, name, args, command):
+    """The evidence profile end to end; resumable. Writes args.json (every unit) and args.md (the tables)."""
+    t0 = time.time()
+    settings = {k: v for k, v in prof.items() if k not in ("seeds",)}
+    store = Store(args.json, json.loads(json.dumps(settings)))
+    root = args.runs or os.path.join("runs", f"bench-{name}")
+    os.makedirs(root, exist_ok=True)
+    scorer = Scorer(prof, args.cache)
+    try:
+        rows, _ = evidence_rows(prof, store, scorer, root)
+    except KeyboardInterrupt:
+        sys.exit(f"stopped; {len(store.doc['units'])} finished units are in {args.json}: run the same command to continue")
+    report = dict(profile_name=name, profile=prof, command=command, hardware=hardware(), wall_s=time.time() - t0,
+                  units=len(store.doc["units"]), floor=scorer.floor, rows=rows,
+                  baseline=baseline_check(prof, rows, scorer), claims=evidence_claims(prof, rows),
+                  time_to_target=time_to_target(prof, rows))
+    text = evidence_markdown(report)
+    with open(args.md, "w") as f:
+        f.write(text)
+    print(text)
+    return report
+
+
+# The recipe study (--recipe): which shared settings make the plain ddpm baseline learn fastest per
+# CPU-minute. Each variant changes one setting of the base recipe; the EMA model is scored at each
+# checkpoint with the profile's sampler; the base variant is also scored with raw weights and other
+# samplers (evaluation only: the same checkpoints). Cost: seconds per training step of each variant,
+# timed side by side in one process (interleaved repeats in rotating order, best of each).
+RECIPE_VARIANTS = (
+    ("base", [], (500, 1000, 2000, 4000)),
+    ("lr 3e-4", ["--lr", "3e-4"], (500, 1000, 2000, 4000)),
+    ("lr 2e-3", ["--lr", "2e-3"], (500, 1000, 2000, 4000)),
+    ("warm-up 500", ["--warmup", "500"], (500, 1000, 2000, 4000)),
+    ("no gradient clipping", ["--grad-clip", "0"], (500, 1000, 2000, 4000)),
+    ("cosine schedule", ["--schedule", "cosine"], (500, 1000, 2000, 4000)),
+    ("batch 64", ["--batch-size", "64"], (250, 500, 1000)),
+    ("32px", ["--image-size", "32"], (250, 500, 1000)),
+)
+RECIPE_SAMPLERS = (("DDIM-50, eta 0", 50, 0.0, True), ("DDIM-100, eta 1", 100, 1.0, True),
+                   ("DDIM-50, eta 1, raw weights", 50, 1.0, False))
+
+
+def recipe_study(prof, name, args, command):
+    t0 = time.time()
+    store = Store(args.json, json.loads(json.dumps({"profile": prof, "variants": RECIPE_VARIANTS, "samplers": RECIPE_SAMPLERS})))
+    root = args.runs or os.path.join("runs", f"bench-{name}")
+    os.makedirs(root, exist_ok=True)
+    scorers = {}
+    def scorer_for(size):
+        if size not in scorers:
+            scorers[size] = Scorer({**prof, "image_size": size}, args.cache)
+        return scorers[size]
+    seed = prof["seeds"][0]
+    try:
+        for vname, flags, cks in RECIPE_VARIANTS:
+            size = int(flags[flags.index("--image-size") + 1]) if "--image-size" in flags else prof["image_size"]
+            sc = scorer_for(size)
+            def score(path, step, base=vname == "base"):
+                out = {}
+                for label, steps, eta, ema in ((f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}", prof["eval_steps"], prof["eval_eta"], True),) + (RECIPE_SAMPLERS if base else ()):
+                    model, cfg, sched = train.load_run(path, ema=ema, device=DEVICE)
+                    out[label] = sc(*generate(model, sched, cfg, prof["n_eval"], steps, seed, eta))
+                return {"samplers": out}
+            spec = dict(name=f"recipe/{vname}", arch="unet", method="ddpm")
+            train_row_resumable({**prof, "checkpoints": cks}, store, root, spec, seed, score, extra=flags)
+        cost = stored(store, "cost", lambda: recipe_cost(prof))
+    except KeyboardInterrupt:
+        sys.exit(f"stopped; {len(store.doc['units'])} finished units are in {args.json}: run the same command to continue")
+    text = recipe_markdown(prof, store, cost, command, time.time() - t0, scorers)
+    with open(args.md, "w") as f:
+        f.write(text)
+    print(text)
+    return store.doc
+
+
+def recipe_cost(prof):
+    """Seconds per optimiser step of each variant: interleaved repeats in rotating order, best of each."""
+    setups = []
+    for vname, flags, _ in RECIPE_VARIANTS:
+        cfg, ds, _ = make_config(["--method", "ddpm", *common_flags(prof, "unet", 0), *flags])
+        torch.manual_seed(0)
+        model = train.build_model(cfg).to(DEVICE)
+        setups.append(dict(name=vname, model=model, cfg=cfg, loss_fn=train.default_loss,
+                           opt=torch.optim.AdamW(model.parameters(), lr=1e-5),
+                           batch=fixed_batch(ds, cfg["batch_size"]),
+                           sched=diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(DEVICE)))
+    times = {s["name"]: [] for s in setups}
+    for s in setups:
+        timed_steps(s, s["batch"], s["sched"], 1)  # warm-up
+    for r in range(prof["speed_repeats"]):
+        for s in rotated(setups, r):
+            times[s["name"]].append(timed_steps(s, s["batch"], s["sched"], prof["speed_steps"]) / prof["speed_steps"])
+    return {"sec_per_step": {k: min(v) for k, v in times.items()}, "hardware": hardware()}
+
+
+def recipe_markdown(prof, store, cost, command, wall_s, scorers):
+    main_label = f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}"
+    lines = [f"# Recipe study: the plain ddpm baseline (eps-prediction, no weighting) on shapes", "",
+             f"`{command}`; {hardware()}; this invocation {wall_s / 60:.1f} min. One seed ({prof['seeds'][0]}). Base recipe: "
+             f"{prof['image_size']}px, {prof['models']['unet']}, batch {prof['batch_size']}, lr {prof['lr']}, warm-up "
+             f"{prof['warmup']}, gradient clipping {prof.get('grad_clip', 1.0)}, EMA {prof.get('ema_decay', 0.999)}, "
+             f"{prof.get('schedule', 'linear')} schedule; each variant changes one setting. Scores of {prof['n_eval']} "
+             f"EMA samples ({main_label}) per checkpoint: FD, generated-class accuracy (ceiling: held-out real images "
+             + ", ".join(f"{s}px {sc.floor['class_acc']:.3f}" for s, sc in scorers.items()) + "; chance 0.25) and channel "
+             "deviation (real: " + ", ".join(f"{sc.floor['channel_dev']:.3f}" for sc in scorers.values()) + "). "
+             f"CPU-minutes = steps x the variant's timed seconds per step ({cost['hardware']}).", "",
+             "| variant | s/step | step | CPU-min | FD | class acc | channel dev | sample std |", "|---|---|---|---|---|---|---|---|"]
+    for vname, _, cks in RECIPE_VARIANTS:
+        sps = cost["sec_per_step"][vname]
+        for c in cks:
+            u = store.get(unit_key(f"recipe/{vname}", prof["seeds"][0], c))
+            if u is None or u.get("diverged"):
+                lines.append(f"| {vname} | {sps:.3f} | {c} | {c * sps / 60:.1f} | {'diverged' if u else 'not run'} | | | |")
+                continue
+            s = u["samplers"][main_label]
+            lines.append(f"| {vname} | {sps:.3f} | {c} | {c * sps / 60:.1f} | {s['fd']:.2f} | {s['class_acc']:.3f} | "
+                         f"{s['channel_dev']:.3f} | {s['std']:.3f} |")
+    lines += ["", "## Samplers and EMA (base variant, same checkpoints)", "", "| sampler | step | FD | class acc | channel dev |",
+              "|---|---|---|---|---|"]
+    _, _, cks = RECIPE_VARIANTS[0]
+    for label in [main_label] + [s[0] for s in RECIPE_SAMPLERS]:
+        for c in cks:
+            u = store.get(unit_key("recipe/base", prof["seeds"][0], c))
+            if u and not u.get("diverged"):
+                s = u["samplers"][label]
+                lines.append(f"| {label} | {c} | {s['fd']:.2f} | {s['class_acc']:.3f} | {s['channel_dev']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 
 def run(prof, name, runs, cache=None, command=""):
     t0 = time.time()
@@ -811,8 +1336,9 @@ def main(argv=None):
         g.add_argument(f"--{name}", dest="profile", action="store_const", const=name, help=f"the {name} profile")
     p.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     p.add_argument("--runs", help="folder for the training runs (default runs/bench-PROFILE; its runs are overwritten)")
-    p.add_argument("--json", default="bench.json", help="where to write every number")
-    p.add_argument("--md", default="bench.md", help="where to write the markdown tables")
+    p.add_argument("--json", help="where to write every number (default bench.json; --cpu and --recipe: "
+                   "results/bench_cpu.json and results/recipe_cpu.json, which they continue when run again)")
+    p.add_argument("--md", help="where to write the markdown tables (default: beside --json, .md)")
     p.add_argument("--cache", help="folder for the reference net (metrics.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--only", choices=["routing"], help="run one section: 'routing' times DTR's cost (minutes on a CPU)")
@@ -826,7 +1352,13 @@ def main(argv=None):
     if args.seeds:
         prof["seeds"] = tuple(args.seeds)
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.json = args.json or {"cpu": "results/bench_cpu.json", "recipe": "results/recipe_cpu.json"}.get(name, "bench.json")
+    args.md = args.md or os.path.splitext(args.json)[0] + ".md"
     try:
+        if name == "cpu":
+            return run_evidence(prof, name, args, command.strip())
+        if name == "recipe":
+            return recipe_study(prof, name, args, command.strip())
         if args.only == "routing":
             return routing_only(prof, name, args, command.strip())
         report = run(prof, name, args.runs or os.path.join("runs", f"bench-{name}"), args.cache, command.strip())
