@@ -340,14 +340,16 @@ def restoration(prof, scorer, mt_ckpt, base_ckpt, seed):
 
 def label_accuracy(prof, ckpt):
     """Held-out accuracy of the MT-Diffusion label head (t = 0, clean image) and of the same network
-    trained by cross-entropy for the same steps (mtdiffusion.train_classifier)."""
+    trained by cross-entropy for the same steps, on clean images and on x_t over uniform t
+    (mtdiffusion.train_classifier)."""
     import mtdiffusion as mt
     model, cfg, _ = train.load_run(ckpt, device=DEVICE)
     b = held_out(prof["image_size"], prof["n_restore"])
     def acc(net):
         with torch.no_grad():
             return (mt.read_modality(net, b["image"]).argmax(1) == b["label"]).float().mean().item()
-    return {"mt_head": acc(model), "supervised": acc(mt.train_classifier(cfg, DEVICE).eval())}
+    return {"mt_head": acc(model), "supervised": acc(mt.train_classifier(cfg, DEVICE).eval()),
+            "supervised_noisy": acc(mt.train_classifier(cfg, DEVICE, noised=True).eval())}
 
 
 def mtdiff_rows(prof, scorer, root, quality):

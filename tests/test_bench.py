@@ -163,3 +163,75 @@ def test_median_interval_matches_the_normal_theory():
     assert (c["hi"] - c["lo"]) / 2 == pytest.approx(half, rel=0.35)
     assert c["lo"] < 1.0 < c["hi"]
     assert bench.median_ci([2.0] * 5) == {"median": 2.0, "lo": 2.0, "hi": 2.0}
+
+
+# -----------------------------------------------------------------------------
+# The evidence profile (--cpu): paired verdicts and resumption
+
+def test_paired_interval_and_verdicts_by_hand():
+    same = bench.paired([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # every paired difference is 2
+    assert same["mean"] == same["lo"] == same["hi"] == 2.0 and same["diffs"] == [2.0, 2.0, 2.0]
+    assert bench.verdict(same, +1) == "holds" and bench.verdict(same, -1) == "contradicted"
+    mixed = bench.paired([1.0, 0.0, 2.0], [0.0, 1.0, 0.0])  # differences 1, -1, 2: resampled means span zero
+    assert mixed["lo"] == pytest.approx(-1.0) and mixed["hi"] == pytest.approx(2.0)
+    assert mixed["mean"] == pytest.approx(2 / 3) and bench.verdict(mixed, +1) == "unresolved"
+
+
+def test_steps_to_reach_interpolates_linearly():
+    curve = [(100, 10.0), (200, 6.0), (400, 4.0)]
+    assert bench.steps_to_reach(curve, 8.0) == pytest.approx(150.0)
+    assert bench.steps_to_reach(curve, 5.0) == pytest.approx(300.0)
+    assert bench.steps_to_reach(curve, 12.0) == 100.0 and bench.steps_to_reach(curve, 3.0) is None
+
+
+def test_store_refuses_other_settings(tmp_path):
+    s = bench.Store(str(tmp_path / "r.json"), {"lr": 1e-3})
+    s.put("a|seed0|step1", {"fd": 1.0})
+    assert bench.Store(str(tmp_path / "r.json"), {"lr": 1e-3}).get("a|seed0|step1") == {"fd": 1.0}
+    with pytest.raises(ValueError, match="other settings"):
+        bench.Store(str(tmp_path / "r.json"), {"lr": 3e-4})
+
+
+TINY_EVIDENCE = dict(arches=("unet",), methods=("ddpm", "dtr"), targets=("eps",), weightings=("const", "min_snr"),
+                     checkpoints=(1, 2), seeds=(0, 1), image_size=16, batch_size=8, warmup=1, log_every=1,
+                     n_eval=8, n_ref=16, eval_steps=2, grid_steps=1, featnet=dict(n_train=64, n_test=32, steps=5),
+                     rgb_heldout=4, n_restore=4, mt_patches=2)
+
+
+def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(bench.PROFILES, "cpu", {**bench.PROFILES["cpu"], **TINY_EVIDENCE})
+    args = ["--cpu", "--runs", str(tmp_path / "runs"), "--json", str(tmp_path / "e.json")]
+    first = bench.main(args)
+    units = json.load(open(tmp_path / "e.json"))["units"]
+    for name in ("unet/ddpm", "unet/dtr", "unet/eps/const", "unet/mtdiff-masked", "unet/jointnet", "unet/direct_extend"):
+        for seed in (0, 1):
+            for step in (1, 2):
+                assert bench.unit_key(name, seed, step) in units
+    assert "unet/eps/min_snr" in first["rows"] and "unet/minsnr" not in first["rows"]  # not a row of this profile
+    assert all(c["verdict"] in ("holds", "contradicted", "unresolved", "not enough seeds") for c in first["claims"])
+    assert len(first["baseline"]["fd"]) == 2
+    tables = open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1]
+    # Everything is stored: a second run trains and samples nothing and reports the same numbers.
+    def refuse(*a, **k):
+        raise AssertionError("finished work was redone")
+    with monkeypatch.context() as m:
+        m.setattr(bench, "call_train", refuse)
+        m.setattr(bench, "generate", refuse)
+        again = bench.main(args)
+    assert again["claims"] == first["claims"]
+    assert open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1] == tables
+    # One lost unit (and its run folder): only that row and seed retrain, and training is deterministic.
+    doc = json.load(open(tmp_path / "e.json"))
+    key = bench.unit_key("unet/dtr", 1, 2)
+    lost = doc["units"].pop(key)
+    json.dump(doc, open(tmp_path / "e.json", "w"))
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "unet_dtr-seed1")
+    calls = []
+    real = bench.call_train
+    monkeypatch.setattr(bench, "call_train", lambda argv, log: (calls.append(argv), real(argv, log)))
+    bench.main(args)
+    redone = json.load(open(tmp_path / "e.json"))["units"][key]
+    assert len(calls) == 2 and all("unet_dtr-seed1" in " ".join(a) for a in calls)
+    assert redone["fd"] == lost["fd"] and redone["class_acc"] == lost["class_acc"]

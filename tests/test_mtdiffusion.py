@@ -322,7 +322,7 @@ def test_short_training_run_per_task_and_its_sample_mode(task, mode, tmp_path, c
         sample.main(["--ckpt", str(out), "--mode", "mt-joint", "--n", "3", "--steps", "3", "--out", str(tmp_path / "j")])
         assert torch.load(tmp_path / "j.pt")["modality"].shape == (3, 3, 16, 16)
     elif task == "label":
-        assert "supervised classifier" in text
+        assert "cross-entropy over uniform t" in text and "on clean images" in text
     else:
         assert "per-pixel accuracy" in text and (tmp_path / "s.png").exists()
 
@@ -349,3 +349,27 @@ def test_bad_input_is_one_clear_sentence(tmp_path, capsys):
     train.main(["--method", "mtdiff", "--task", "translate", "--steps", "1", "--out", str(tmp_path / "c")] + TINY)
     with pytest.raises(SystemExit, match="needs a run trained with --task masked"):
         sample.main(["--ckpt", str(tmp_path / "c"), "--mode", "mt-restore", "--n", "2"])
+
+
+@pytest.mark.parametrize("noised", [False, True])
+def test_classifier_baselines_see_clean_or_noised_inputs(noised, monkeypatch, tmp_path):
+    # The clean baseline reads x_0 at t = 0; the matched one reads x_t at uniform t, as the label head does.
+    import train
+    train.main(["--method", "mtdiff", "--task", "label", "--steps", "1", "--out", str(tmp_path)] + TINY)
+    cfg = {**json.load(open(tmp_path / "config.json")), "steps": 3}
+    seen = []
+    real_build = mt.build_model
+    def recording_build(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+        def spy(x, t, *a, **k):
+            seen.append((x.detach().clone(), t.clone()))
+            return forward(x, t, *a, **k)
+        model.forward = spy
+        return model
+    monkeypatch.setattr(mt, "build_model", recording_build)
+    mt.train_classifier(cfg, "cpu", noised=noised)
+    ts = torch.cat([t for _, t in seen])
+    assert len(seen) == 3 and (ts.max() > 0) == noised
+    # Clean inputs stay in the data's range; noised ones reach beyond it.
+    assert (max(x.abs().max().item() for x, _ in seen) > 1.0) == noised
