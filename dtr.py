@@ -87,11 +87,19 @@ def num_active(C, alpha):
 
 
 def window_start(T, C, alpha=0.8, beta=4.0):
-    """s(t) = round((t / (T-1))^beta (C - n)) for t = 0..T-1 (Eq. 4), a (T,) long tensor."""
+    """s(t) = round((t / (T-1))^beta (C - n)) for t = 0..T-1 (Eq. 4), a (T,) long tensor.
+
+    The arithmetic is the official code's, step by step, in float64: the fraction is t times the
+    reciprocal 1 / (T-1) (an evenly spaced grid whose last point is exactly 1), raised to beta by the C
+    library's pow, times C - n, rounded half to even. t / (T-1) can differ from t * (1 / (T-1)) in the
+    last bit; where the exact value ends in .5 that moves the window by one channel (T = 999, beta = 1,
+    t = 499 and C - n = 3, for instance: 1.5 exactly rounds to 2, just below it to 1), so the masks follow the authors' order of operations.
+    """
     _check(T, C, alpha, beta)
     n = num_active(C, alpha)
-    u = torch.arange(T, dtype=torch.float64) / max(T - 1, 1)                 # t / (T-1) in [0, 1]
-    return (u ** beta * (C - n)).round().long()                               # (T,)
+    step = 1.0 / max(T - 1, 1)
+    u = [t * step for t in range(T - 1)] + [1.0] if T > 1 else [0.0]         # t / (T-1) in [0, 1]
+    return torch.tensor([round(u_t ** beta * (C - n)) for u_t in u], dtype=torch.long)  # (T,), half to even
 
 
 def dtr_masks(T, C, alpha=0.8, beta=4.0):

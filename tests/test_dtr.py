@@ -62,6 +62,30 @@ def test_dtr_masks_agree_with_a_linspace_formulation():
             assert dtr.window_start(1000, C, 0.8, beta).tolist() == s.tolist()
 
 
+@pytest.mark.parametrize("T", [999, 500, 4000])
+@pytest.mark.parametrize("beta", [1.0, 2.0, 4.0, 8.0])
+def test_window_start_follows_the_authors_arithmetic_beyond_t1000(T, beta):
+    """The official order of operations: t times the reciprocal 1/(T-1) (last point exactly 1), to the
+    power beta, times C - n, rounded half to even; t / (T-1) differs from it in the last bit."""
+    reciprocal = 1.0 / (T - 1)
+    for alpha in (0.5, 0.8):
+        for C in range(2, 72):
+            n = int(C * alpha)
+            if n < 1:
+                continue
+            u = [t * reciprocal for t in range(T)]
+            u[-1] = 1.0
+            expected = [round(v ** beta * (C - n)) for v in u]           # Python's round: half to even
+            assert dtr.window_start(T, C, alpha, beta).tolist() == expected, (T, C, alpha, beta)
+
+
+def test_window_start_where_division_and_reciprocal_round_apart():
+    # 499 / 998 is exactly 0.5, 499 * (1 / 998) just below it: 1.5 rounds to 2, the authors' value to 1
+    assert 499 / 998 * 3 == 1.5 and 499 * (1 / 998) * 3 < 1.5
+    assert dtr.window_start(999, 11, 0.8, 1.0)[499].item() == 1
+    assert dtr.dtr_masks(999, 11, 0.8, 1.0)[499].tolist() == window(11, 1, 8)
+
+
 def test_beta_gives_high_timesteps_more_dedicated_channels():
     s = dtr.window_start(1000, 64, 0.8, 4.0)
     assert (s[:500] <= 1).all() and s[-1] == 13                      # the window moves late
