@@ -260,6 +260,62 @@ def test_dit_block_with_a_mask_is_x_plus_f_of_masked_x():
     assert torch.allclose(block(x, c, t), x + (z2 - z), atol=1e-5)  # x + F(m * x)
 
 
+def test_resblock_input_placement_masks_the_residual_branch_input():
+    """Eq. 3 read on the block input: skip(x) + F(m * x), with the mask as wide as the input."""
+    torch.manual_seed(0)
+    block = perturb(ResBlock(8, 16, emb_dim=12), std=0.2).eval()
+    block.route_placement = "input"
+    assert block.route_channels == 8
+    m = dtr.dtr_masks(10, 8, alpha=0.5, beta=2.0)
+    x, emb, t = torch.randn(2, 8, 4, 4), torch.randn(2, 12), torch.tensor([0, 9])
+    xm = x * m[t][:, :, None, None]
+    unrouted = block(xm, emb, t)                                     # skip(m x) + F(m x), no mask set
+    block.route_mask = m
+    assert torch.allclose(block(x, emb, t), block.skip(x) + unrouted - block.skip(xm), atol=1e-6)
+    block.route_placement = "hidden"                                 # the other reading: another function
+    block.route_mask = dtr.dtr_masks(10, 16, alpha=0.5, beta=2.0)
+    assert not torch.allclose(block(x, emb, t), block.skip(x) + unrouted - block.skip(xm), atol=1e-3)
+
+
+def test_attention_input_placement_normalises_the_masked_input():
+    torch.manual_seed(0)
+    block = perturb(AttentionBlock(64, head_channels=32), std=0.2).eval()
+    m = dtr.dtr_masks(10, 64)
+    x, t = torch.randn(2, 64, 3, 3), torch.tensor([2, 9])
+    xm = x * m[t][:, :, None, None]
+    expected = x + (block(xm, None, t) - xm)                         # x + F(m * x)
+    block.route_placement, block.route_mask = "input", m
+    assert torch.allclose(block(x, None, t), expected, atol=1e-5)
+
+
+def test_apply_routing_placement_on_both_backbones():
+    torch.manual_seed(0)
+    net = perturb(tiny_unet()).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    hidden = net(x, t)                                               # unrouted
+    dtr.apply_routing(net, "dtr", placement="input")
+    blocks = net.routable_blocks()
+    assert all(b.route_placement == "input" and b.route_mask.shape == (1000, b.route_channels) for b in blocks)
+    assert any(isinstance(b, ResBlock) and b.route_channels != b.route_hidden_channels for b in blocks)
+    out_input = net(x, t)
+    dtr.apply_routing(net, "dtr")                                    # default: hidden
+    assert all(b.route_placement == "hidden" for b in blocks)
+    out_hidden = net(x, t)
+    assert not torch.allclose(out_input, out_hidden, atol=1e-4) and not torch.allclose(out_hidden, hidden, atol=1e-4)
+    dtr.apply_routing(tiny_dit(), "dtr", placement="input")          # DiT: its only placement
+    with pytest.raises(ValueError, match="UNet reading"):
+        dtr.apply_routing(tiny_dit(), "dtr", placement="hidden")
+    with pytest.raises(ValueError, match="placement"):
+        dtr.apply_routing(tiny_unet(), "dtr", placement="output")
+
+
+def test_resume_keys_follow_what_the_masks_depend_on():
+    assert dtr.resume_keys({"routing": "none"}) == ("routing",)
+    assert set(dtr.resume_keys({"routing": "dtr"})) == {"routing", "dtr_alpha", "dtr_beta", "dtr_placement"}
+    assert "seed" in dtr.resume_keys({"routing": "random"}) and "dtr_beta" not in dtr.resume_keys({"routing": "random"})
+    assert set(dtr.resume_keys({"routing": "ercdt"})) == {"routing", "dtr_placement"}    # no alpha, beta or seed
+
+
 # -----------------------------------------------------------------------------
 # CKA (Fig. 6)
 
