@@ -19,7 +19,10 @@ What is implemented (the authors released inference code only; this is a trainin
                    new output weights copied (R^+ W); all weights train.
     loss           Eq. 1, ||eps_x - eps_theta||^2 + ||eps_d - eps_phi||^2, one t for both modalities. Stage 1
                    trains the copy and the zero convs; --unfreeze is stage 2 (all weights, lr 1e-5, label
-                   drop 0.5 unless given). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
+                   drop 0.5 unless given), a new run that --init's a stage-1 checkpoint and starts a fresh
+                   optimiser over every weight. A stage-1 run cannot be resumed as stage 2 (its optimiser
+                   holds the trainable half only), and --unfreeze over a plain RGB --init is refused (it
+                   would skip stage 1). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
                    (fixed t and noise), the Fig. 8 comparison with Direct Extend: the shapes test split, or
                    --heldout-data for a folder / .npz (which have no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
@@ -58,6 +61,11 @@ import diffusion
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
 
 SHAPE_KEYS = ("dense_modality",)  # config keys beyond train.ARCH_KEYS that a resume must keep
+# Stage 1 and 2 train different weight sets, so their optimiser states do not fit each other: a resume
+# keeps the stage, and stage 2 starts from a stage-1 checkpoint through --init with a fresh optimiser.
+RESUME_KEYS = ("unfreeze",)
+RESUME_HINTS = {"unfreeze": "start stage 2 as a new run instead: --method jointnet --init RUN/checkpoint.pt "
+                            "--unfreeze --out NEW_DIR"}
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
 SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
 
@@ -387,7 +395,7 @@ def add_args(parser):
                    "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
 
 
-INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta")  # from --init
+INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta", "dtr_placement")  # from --init
 DATA_KEYS = ("image_size", "in_channels", "num_classes")  # must agree between --init and this run's data
 
 
@@ -407,11 +415,14 @@ def prepare_config(cfg):
                        "(or a jointnet run together with --method jointnet --unfreeze)")
     if m == "direct_extend" and cfg["unfreeze"]:
         raise RunError("--unfreeze is JointNet's stage 2; direct_extend trains all weights already, drop it")
-    for k in INHERITED:
-        if k in cfg["explicit"] and cfg[k] != base[k]:
-            raise RunError(f"--init was trained with {k}={base[k]!r} but this run asks for {cfg[k]!r}; "
+    if cfg["unfreeze"] and not stage2:  # all weights from step 0 would skip stage 1 (Sec. 3.4)
+        raise RunError(f"--unfreeze starts stage 2 from a JointNet stage-1 run, but --init {cfg['init']} is a plain "
+                       "RGB run; train stage 1 first (drop --unfreeze), then --init its checkpoint with --unfreeze")
+    for k in INHERITED:  # .get: runs saved before a key existed used its default (None)
+        if k in cfg["explicit"] and cfg[k] != base.get(k):
+            raise RunError(f"--init was trained with {k}={base.get(k)!r} but this run asks for {cfg[k]!r}; "
                            f"drop the flag or use a matching --init")
-        cfg[k] = base[k]
+        cfg[k] = base.get(k)
     for k in DATA_KEYS:
         if cfg[k] != base[k]:
             raise RunError(f"--init was trained with {k}={base[k]} but this run's data gives {k}={cfg[k]}; "

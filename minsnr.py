@@ -70,6 +70,9 @@ def check_weight_args(strategy, target, gamma, p2_k, p2_gamma):
         raise ValueError(f"unknown prediction target {target!r}: choose one of {', '.join(TARGETS)}")
     if not (math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0 (the paper uses 5), got {gamma}")
+    if strategy == "min_snr" and gamma <= 0:  # max_snr is fine: max(SNR, 0) = SNR
+        raise ValueError(f"min-SNR with gamma {gamma:g} gives every timestep weight min(SNR, {gamma:g}) = 0, so "
+                         "nothing would be learned; use gamma > 0 (the paper uses 5)")
     if not (math.isfinite(p2_k) and p2_k > 0 and math.isfinite(p2_gamma) and p2_gamma >= 0):
         raise ValueError(f"P2 needs k > 0 and gamma >= 0 (Choi et al. use k = 1, gamma = 1), got k={p2_k}, "
                          f"gamma={p2_gamma}")

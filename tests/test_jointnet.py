@@ -381,6 +381,34 @@ def test_bad_jointnet_inputs_give_one_clear_sentence(rgb_run, jn_run, tmp_path):
     assert "no checkpoint" in error_of(tmp_path / "f", "--method", "jointnet", "--init", str(tmp_path / "none.pt"))
 
 
+def test_stage_two_is_a_new_run_from_a_stage_one_checkpoint(rgb_run, jn_run, tmp_path):
+    """--resume --unfreeze would load a stage-1 optimiser over a different weight set: refused in one
+    sentence. --init STAGE1 --unfreeze starts stage 2 with a fresh optimiser over every weight."""
+    import shutil
+    s1 = tmp_path / "s1"
+    shutil.copytree(jn_run, s1)
+    msg = error_of(s1, "--resume", "--unfreeze", "--steps", "14")
+    assert "unfreeze=False" in msg and "--init" in msg and "\n" not in msg
+    assert torch.load(s1 / "checkpoint.pt", weights_only=True)["step"] == 12
+    assert train_run(s1, "--resume", "--steps", "13") == 13                  # stage 1 continues
+    s2 = tmp_path / "s2"
+    assert train_run(s2, "--method", "jointnet", "--unfreeze", "--init", str(jn_run / "checkpoint.pt"),
+                     "--steps", "1") == 1
+    ckpt = torch.load(s2 / "checkpoint.pt", weights_only=True)
+    n_weights = len(ckpt["model"])                                            # no buffers: all parameters
+    assert len(ckpt["opt"]["state"]) == len(ckpt["opt"]["param_groups"][0]["params"]) == n_weights
+    stage1 = torch.load(jn_run / "checkpoint.pt", weights_only=True)["opt"]["param_groups"][0]["params"]
+    assert len(stage1) < n_weights                                            # stage 1: the base was frozen
+    assert train_run(s2, "--resume", "--steps", "2") == 2                    # stage 2 resumes as stage 2
+
+
+def test_unfreeze_over_a_plain_rgb_run_is_refused(rgb_run, tmp_path):
+    msg = error_of(tmp_path / "u", "--method", "jointnet", "--unfreeze", "--init", str(rgb_run / "checkpoint.pt"),
+                   "--steps", "1")
+    assert "plain RGB run" in msg and "stage 1" in msg
+    assert not (tmp_path / "u" / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("mode", jointnet.SAMPLE_MODES)
 def test_sample_modes_write_their_files(jn_run, tmp_path, mode, capsys):
     import sample
