@@ -1,5 +1,6 @@
 """Tests of minsnr.py: the weight table, the x0/eps/v equivalence, zero-SNR limits and the Pareto solvers."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,35 @@ def test_ugd_approaches_the_optimum_from_above():
     assert_on_simplex(w_ugd)
     assert obj_fw - 1e-10 <= obj_ugd <= obj_fw * (1 + 1e-3)
     assert (w_ugd - w_fw).abs().max() < 0.05
+
+
+def spread_gradients(K, P, seed, decades):
+    """K random directions whose norms span `decades` powers of ten: an ill-conditioned Gram matrix."""
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(K, P, generator=g, dtype=torch.float64)
+    return G / G.norm(dim=1, keepdim=True) * torch.logspace(0, decades, K, dtype=torch.float64)[:, None]
+
+
+def ugd_with_warnings(G):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w, obj = minsnr.pareto_weights_ugd(G)
+    return w, obj, [c for c in caught if issubclass(c.category, RuntimeWarning) and "did not converge" in str(c.message)]
+
+
+def test_ugd_warns_when_it_has_not_converged():
+    """Gradient norms spread over 10^3: UGD's fixed Adam budget ends above the optimum. Either its result is
+    within 1% of the Frank-Wolfe optimum, or it says it has not converged."""
+    warned = 0
+    for seed in range(4):
+        G = spread_gradients(10, 40, seed, 3)
+        obj_fw = minsnr.pareto_weights(G)[1]
+        _, obj_ugd, caught = ugd_with_warnings(G)
+        assert caught or obj_ugd <= obj_fw * 1.01, (seed, obj_ugd / obj_fw)
+        warned += bool(caught)
+    assert warned                                                          # these cases are hard for UGD
+    _, obj_ugd, caught = ugd_with_warnings(random_gradients(6, 30, 5, shared=1.5))
+    assert not caught                                                      # a well-conditioned one converges
 
 
 def test_strategy_bin_weights():
