@@ -26,8 +26,12 @@ What is implemented (the authors released inference code only; this is a trainin
                    (fixed t and noise), the Fig. 8 comparison with Direct Extend: the shapes test split, or
                    --heldout-data for a folder / .npz (which have no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
-                   the known part with its noised version at every step (Sec. 4.1); SDEdit refinement of a
-                   nearest-upsampled low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2).
+                   the known part with its noised version at every step, one noise draw kept for all steps as
+                   in the authors' pipeline (Sec. 4.1); SDEdit refinement of a nearest-upsampled
+                   low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2), MultiDiffusion-
+                   style, with a tent weight over each tile in both axes and a shifted interior tile grid
+                   where the authors' panorama code uses an x-only trapezoid (8-pixel ramps) and a circular
+                   horizontal shift (tiled_ddim says more).
     metrics        RGB -> depth against the exact depth of held-out shapes, with metrics.depth_metrics (least-
                    squares scale and shift, median over solves; AbsRel in depth, RMSE in disparity).
 
@@ -278,15 +282,19 @@ def _ddim_update(model_fn, sched, z, t, t_prev, target):
 def joint_ddim(model_fn, sched, z, ts, target="eps", known=None, mask=None, eta=0.0, generator=None):
     """DDIM from z (at timestep ts[0]) down the descending original indices ts; model_fn(z, t) -> output.
 
-    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by a fresh draw of
-    q(z_t | known) before every step and by `known` itself at the end, so the known part returns unchanged.
-    A channel mask gives depth -> RGB or RGB -> depth; a spatial mask inpaints both modalities.
+    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by the known part noised to
+    the step's level, sqrt(ab_t) known + sqrt(1 - ab_t) eps_known, before every step and by `known` itself
+    at the end, so the known part returns unchanged. eps_known is drawn once and kept for every step, as
+    in the authors' inpainting pipeline (a fresh draw per step would make the known channels jump between
+    unrelated noisy versions of themselves). A channel mask gives depth -> RGB or RGB -> depth; a spatial
+    mask inpaints both modalities.
     """
     ts = list(ts)
+    eps_known = None if known is None else _randn(known, generator)           # one noise for all steps
     for i, i_prev in zip(ts, ts[1:] + [-1]):
         t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
         if known is not None:
-            z = torch.where(mask, q_sample(sched, known, t, _randn(known, generator)), z)  # (B, C, H, W)
+            z = torch.where(mask, q_sample(sched, known, t, eps_known), z)    # (B, C, H, W)
         x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
         noise = _randn(z, generator) if eta > 0 else torch.zeros_like(z)
         z = ddim_step(sched, z, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
@@ -313,7 +321,8 @@ def sdedit(model_fn, sched, z_init, steps=50, strength=0.4, target="eps", known_
 
 def tile_starts(L, s, stride, offset=0):
     """Tile starts along an axis of length L: the grid offset + k stride clamped into [0, L - s], plus both
-    ends. Neighbours are at most stride <= s apart, so every pixel is covered."""
+    ends. Neighbours are at most stride <= s apart, so every pixel is covered. The tiles at 0 and L - s
+    are always there; only the interior grid moves with the offset."""
     if L <= s:
         return [0]
     return sorted({0, L - s, *(min(p, L - s) for p in range(offset, L - s + stride, stride))})
@@ -337,8 +346,17 @@ def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", who
     """Sec. 4.2: DDIM on a canvas larger than the training size (MultiDiffusion-style averaging).
 
     Each step every tile takes its own DDIM step and the canvas becomes the tile_ramp-weighted mean of
-    the results; all tiles move by one random offset per step. In the first whole_frac of the steps the
-    whole canvas (the convolutional net run on all of it) joins as one more tile of constant weight.
+    the results. Each step draws one random offset in [0, stride) per axis that shifts the interior tile
+    grid (tile_starts); the tiles at the canvas edges (0 and L - tile) stay where they are. In the first
+    whole_frac of the steps the whole canvas (the convolutional net run on all of it) joins as one more
+    tile of constant weight.
+
+    Where this differs from the authors' panorama pipeline: there the weight of a tile is a trapezoid
+    along x only (an 8-pixel linear ramp at the left and right edges, flat in between, flat in y), and the
+    random offset is a horizontal circular shift of the canvas (tiles may wrap around the right edge).
+    Here the weight is a tent over the whole tile in both axes (tile_ramp) and the canvas does not wrap,
+    which suits canvases that grow in either direction and have no left-right continuity; a pointwise
+    model gives the same result either way (the weights only decide how overlapping predictions mix).
     """
     B, C, H, W = shape
     if not (1 <= stride <= tile <= min(H, W)):

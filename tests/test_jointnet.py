@@ -154,11 +154,11 @@ def test_spatial_inpainting_keeps_outside_and_fills_the_hole():
     out = jointnet.joint_ddim(recording, SCHED, torch.randn(1, 4, 8, 8), [999, 500, 0], known=z0, mask=mask,
                               generator=g)
     assert torch.equal(torch.where(mask, out, z0), z0) and not torch.equal(out, z0)
-    # The model saw the known part noised to each step's level: x_t = sqrt(ab) z0 + sqrt(1 - ab) eps.
-    g = torch.Generator().manual_seed(3)
+    # The model saw the known part noised to each step's level with ONE noise for all steps (the authors'
+    # pipeline): x_t = sqrt(ab) z0 + sqrt(1 - ab) eps, the same eps at t = 999, 500 and 0.
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
     for z_in, i in zip(seen, [999, 500, 0]):
-        t = torch.tensor([i])
-        expected = diffusion.q_sample(SCHED, z0, t, torch.randn(z0.shape, generator=g))
+        expected = diffusion.q_sample(SCHED, z0, torch.tensor([i]), eps)
         assert torch.equal(z_in[mask.expand_as(z0)], expected[mask.expand_as(z0)])
 
 
@@ -193,6 +193,12 @@ def test_tiles_cover_every_pixel(H, W, s, stride):
         for axis in (0, 1):
             starts = sorted({tile[axis] for tile in tiles})
             assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_edge_tiles_stay_and_the_interior_grid_moves_with_the_offset():
+    still, moved = jointnet.tile_starts(48, 16, 8, 0), jointnet.tile_starts(48, 16, 8, 3)
+    assert still[0] == moved[0] == 0 and still[-1] == moved[-1] == 32     # the edge tiles never move
+    assert set(still[1:-1]).isdisjoint(moved[1:-1])                        # the interior ones all do
 
 
 @pytest.mark.parametrize("s", [4, 8, 16])
