@@ -23,8 +23,10 @@ What is implemented (the authors released inference code only; this is a trainin
                    optimiser over every weight. A stage-1 run cannot be resumed as stage 2 (its optimiser
                    holds the trainable half only), and --unfreeze over a plain RGB --init is refused (it
                    would skip stage 1). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
-                   (fixed t and noise), the Fig. 8 comparison with Direct Extend: the shapes test split, or
-                   --heldout-data for a folder / .npz (which have no split of their own).
+                   (fixed t and noise): a quantitative proxy for Fig. 8, which shows validation samples of
+                   JointNet and Direct Extend side by side as training goes on (a grid of samples, not a
+                   curve). It uses the shapes test split, or --heldout-data for a folder / .npz (which have
+                   no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
                    the known part with its noised version at every step, one noise draw kept for all steps as
                    in the authors' pipeline (Sec. 4.1); SDEdit refinement of a nearest-upsampled
@@ -206,7 +208,7 @@ def direct_extend(net, base_state, c_x):
 
 
 # -----------------------------------------------------------------------------
-# Loss (Eq. 1) and the held-out RGB loss of Fig. 8
+# Loss (Eq. 1) and the held-out RGB loss (a proxy for Fig. 8)
 
 def dense_map(batch, name):
     """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
@@ -250,7 +252,8 @@ def heldout_batch(cfg, device):
 
 @torch.no_grad()
 def rgb_heldout_loss(model, sched, cfg):
-    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: the forgetting curve of Fig. 8.
+    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows
+    as a grid of validation samples (whether the RGB branch keeps its generation ability).
 
     Measured on every log_every-th call and held in between, so the value logged at step s is the one
     measured before the updates of its window (at step s - log_every); the cost is 1/log_every of an eval.
