@@ -355,8 +355,9 @@ def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", who
     tile of constant weight.
 
     Where this differs from the authors' panorama pipeline: there the weight of a tile is a trapezoid
-    along x only (an 8-pixel linear ramp at the left and right edges, flat in between, flat in y), and the
-    random offset is a horizontal circular shift of the canvas (tiles may wrap around the right edge).
+    along x only (a linear ramp over 8 latent pixels at the left and right edges, flat in between and
+    in y), and the random offset is a horizontal shift of the tile grid with circular padding (tiles
+    wrap around the right edge of the panorama).
     Here the weight is a tent over the whole tile in both axes (tile_ramp) and the canvas does not wrap,
     which suits canvases that grow in either direction and have no left-right continuity; a pointwise
     model gives the same result either way (the weights only decide how overlapping predictions mix).
