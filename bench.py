@@ -21,13 +21,14 @@ Rows and the claims they test:
     mtdiff      masked-image training: restoration of held-out masked images against SDEdit and
                 replacement with the ddpm model (MT-Diffusion Table 1, MSE instead of LPIPS), and
                 the label head against the same network trained as a supervised classifier (Fig. 6)
-    jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (Fig. 8),
-                RGB -> depth AbsRel / RMSE (Table 2's metrics)
+    jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (a quantitative
+                proxy for Fig. 8, a grid of samples), RGB -> depth AbsRel / RMSE (Table 2's metrics)
     speed       training images/s of every method side by side in one process (interleaved repeats in
                 rotating order, best of each), its ratio to ddpm on the same backbone, parameter counts;
                 sampling images/s of DDPM and DDIM-50
     DTR cost    training step time with DTR routing over the same model and weights without it, at the
-                CPU presets and DiT-S/2 (DTR App. E: about 0.6%), against an A/A control of the timing
+                CPU presets and DiT-S/2 (DTR App. E: 0.6%, 0.4%, 0.3% for DiT-S/B/L), against an A/A
+                control of the timing
                 (`python bench.py --only routing` runs this section alone)
 Writes bench.json (every number) and bench.md (the tables and a verdict per claim with its seed count).
 
@@ -374,7 +375,7 @@ def mtdiff_rows(prof, scorer, root, quality):
 
 
 # -----------------------------------------------------------------------------
-# JointNet rows (jointnet.py): RGB preservation (Fig. 8) and RGB -> depth (Table 2's metrics)
+# JointNet rows (jointnet.py): RGB preservation (proxy for Fig. 8) and RGB -> depth (Table 2's metrics)
 
 @torch.no_grad()
 def rgb_to_depth(prof, ckpt, seed):

@@ -16,30 +16,41 @@ What is implemented:
     random_masks       R-TR (Sec. 4.2): n random channels per timestep, drawn independently per block.
     cdtr_masks, ercdt_masks   the clustered alternatives of App. F.
     apply_routing      sets the masks on every block of a UNet (unet.py) or DiT (dit.py):
-                       routing "dtr", "random" (R-TR), "cdtr", "ercdt" or "none".
+                       routing "dtr", "random" (R-TR), "cdtr", "ercdt" or "none"; placement below.
+    resume_keys        the config keys the masks depend on, which train.py refuses to change on --resume.
     expected_shared_channels, shared_channels   App. B: random masks share n^2/C channels on average
                        for ANY two timesteps; DTR masks share fewer the further apart they are.
     linear_cka, block_features, cka_matrix      Fig. 6: CKA between a block's features at two timesteps.
     Figures            Fig. 2 (the masks as an image) and Fig. 6 (CKA heat-maps), PIL only.
 
-Where the mask sits (the blocks multiply by route_mask[t]; this file only sets the masks):
-    UNet ResBlock      right after the second GroupNorm and its timestep scale-shift, before SiLU,
-                       dropout and the zero-initialised conv: with h = conv(SiLU(GN(x))),
-                       skip(x) + conv0(drop(SiLU(m * (GN(h) (1 + scale) + shift)))).
-                       Masking after the scale-shift keeps the adaptive shift out of switched-off
-                       channels. App. A says "right after the group normalization layer"; ADM with DTR
-                       is not public, so unet.py states this reading.
-    UNet AttentionBlock   right after its GroupNorm, before qkv: x + proj(attn(m * GN(x))).
+Where the mask sits (the blocks multiply by route_mask[t]; this file only sets the masks). Eq. 3 masks
+the block input. App. A says, for ADM, only that the mask sits "right after the group normalization
+layer" in both residual block types, so that masking does not disturb the normalisation statistics; it
+does not say which of the ResBlock's two GroupNorms, and ADM with DTR is not public. Both readings are
+here, `placement` of apply_routing (train.py --dtr-placement):
+    UNet ResBlock, "hidden" (default)   right after the second GroupNorm and its timestep scale-shift,
+                       before SiLU, dropout and the zero-initialised conv: with h = conv(SiLU(GN(x))),
+                       skip(x) + conv0(drop(SiLU(m * (GN(h) (1 + scale) + shift)))). The norm nearest
+                       the routed output layer, on unmasked statistics; masking after the scale-shift
+                       keeps the adaptive shift out of switched-off channels. It is the default because
+                       the runs and figures in this repository were made with it.
+    UNet ResBlock, "input"              Eq. 3 on the block input: skip(x) + F(m * x), the mask as wide
+                       as the input (the skip conv of a width-changing block takes x unmasked: Eq. 3's
+                       (1 - m) x has no counterpart there). The first GroupNorm then sees masked input.
+    UNet AttentionBlock   "hidden": right after its only GroupNorm, before qkv, x + proj(attn(m * GN(x)));
+                       that GroupNorm is the block's first layer, so App. A and Eq. 3 nearly coincide.
+                       "input": x + proj(attn(GN(m * x))).
     DiT block          on the block input, as the official code: x + F(m * x), F the adaLN-modulated
-                       attention and MLP branches (App. A, Eq. 5-8). adaLN and the final layer are
-                       not routed.
+                       attention and MLP branches (App. A, Eq. 5-8); no other placement. adaLN and the
+                       final layer are not routed.
     Samplers that skip steps hand the model the original timestep index, so the mask is the one
     the timestep was trained with.
 
 Cost: no parameters (the masks are buffers outside the state_dict) and a few elementwise operations
-per block: a (B, C) gather, and either two (B, C) multiplies folded into the ResBlock's scale-shift or,
-in DiT, m * x and one extra addition. `python bench.py --only routing` times a routed training step
-against the same model unrouted (the README has the figures; the paper's App. E reports about 0.6%).
+per block: a (B, C) gather, and either two (B, C) multiplies folded into the ResBlock's scale-shift
+("hidden"), or m * x and, in DiT, one extra addition. `python bench.py --only routing` times a routed training step
+against the same model unrouted (the README has the figures; the paper's App. E reports 0.6%, 0.4% and
+0.3% slower training for DiT-S/2, DiT-B/2 and DiT-L/2).
 
 Naming: alpha is the paper's activation ratio (default 0.8) and beta its shift exponent (default 4).
 The official code swaps the two names; this file follows the paper.
@@ -65,6 +76,7 @@ from PIL import Image, ImageDraw
 from diffusion import Schedule, q_sample
 
 ROUTINGS = ("none", "dtr", "random", "cdtr", "ercdt")
+PLACEMENTS = ("hidden", "input")  # where a UNet block applies the mask (unet.py); DiT: always the input
 
 
 # -----------------------------------------------------------------------------
@@ -87,11 +99,19 @@ def num_active(C, alpha):
 
 
 def window_start(T, C, alpha=0.8, beta=4.0):
-    """s(t) = round((t / (T-1))^beta (C - n)) for t = 0..T-1 (Eq. 4), a (T,) long tensor."""
+    """s(t) = round((t / (T-1))^beta (C - n)) for t = 0..T-1 (Eq. 4), a (T,) long tensor.
+
+    The arithmetic is the official code's, step by step, in float64: the fraction is t times the
+    reciprocal 1 / (T-1) (an evenly spaced grid whose last point is exactly 1), raised to beta by the C
+    library's pow, times C - n, rounded half to even. t / (T-1) can differ from t * (1 / (T-1)) in the
+    last bit; where the exact value ends in .5 that moves the window by one channel (T = 999, beta = 1,
+    t = 499 and C - n = 3, for instance: 1.5 exactly rounds to 2, just below it to 1), so the masks follow the authors' order of operations.
+    """
     _check(T, C, alpha, beta)
     n = num_active(C, alpha)
-    u = torch.arange(T, dtype=torch.float64) / max(T - 1, 1)                 # t / (T-1) in [0, 1]
-    return (u ** beta * (C - n)).round().long()                               # (T,)
+    step = 1.0 / max(T - 1, 1)
+    u = [t * step for t in range(T - 1)] + [1.0] if T > 1 else [0.0]         # t / (T-1) in [0, 1]
+    return torch.tensor([round(u_t ** beta * (C - n)) for u_t in u], dtype=torch.long)  # (T,), half to even
 
 
 def dtr_masks(T, C, alpha=0.8, beta=4.0):
@@ -152,21 +172,30 @@ def build_masks(routing, T, C, alpha=0.8, beta=4.0, generator=None, clusters=8):
     raise ValueError(f"unknown routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
 
 
-def apply_routing(model, routing="dtr", alpha=0.8, beta=4.0, T=1000, seed=0, clusters=8):
+def apply_routing(model, routing="dtr", alpha=0.8, beta=4.0, T=1000, seed=0, clusters=8, placement=None):
     """Set `route_mask` on every block of model.routable_blocks(); returns the model.
 
     Deterministic schemes give every block of the same width the same masks. "random" (R-TR) draws
     each block's masks independently from one generator seeded with `seed`, so the same seed gives
     the same masks again (store it with the run). "none" removes the masks. The masks are
     non-persistent buffers: no parameters are added and the state_dict is unchanged.
+    placement: where UNet blocks apply the mask, "hidden" (None: the default) or "input" (PLACEMENTS);
+    DiT blocks always mask their input, so only None or "input" is accepted for them.
     """
     if routing not in ROUTINGS:
         raise ValueError(f"unknown routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
+    if placement not in (None, *PLACEMENTS):
+        raise ValueError(f"unknown routing placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
     if not hasattr(model, "routable_blocks"):
         raise ValueError(f"{type(model).__name__} has no routable_blocks(); use a UNet (unet.py) or DiT (dit.py)")
     generator = torch.Generator().manual_seed(seed)
     by_width = {}
     for block in model.routable_blocks():
+        if hasattr(block, "route_placement"):                                # UNet blocks: either reading
+            block.route_placement = placement or "hidden"
+        elif placement == "hidden":
+            raise ValueError(f"{type(block).__name__} masks its input (App. A, Eq. 7-8); placement 'hidden' "
+                             "is a UNet reading only")
         if routing == "none":
             block.route_mask = None
             continue
@@ -178,6 +207,25 @@ def apply_routing(model, routing="dtr", alpha=0.8, beta=4.0, T=1000, seed=0, clu
         device = next(block.parameters()).device
         block.route_mask = masks.to(device)                                   # (T, C) buffer
     return model
+
+
+def resume_keys(cfg):
+    """Config keys that fix a run's masks, which a resumed run must therefore keep.
+
+    None of them changes a tensor shape, so a checkpoint loads under any of them; changing one would
+    silently train on other masks. The seed counts only for R-TR, whose masks are drawn from it.
+    """
+    routing = cfg.get("routing", "none")
+    keys = {"none": (), "dtr": ("dtr_alpha", "dtr_beta"), "cdtr": ("dtr_alpha", "dtr_beta"),
+            "random": ("dtr_alpha", "seed"), "ercdt": ()}.get(routing, ())
+    return ("routing", *keys) + (("dtr_placement",) if routing != "none" else ())
+
+
+def check_routing(cfg):
+    """Refuse routing settings the backbone cannot apply (ValueError, one sentence)."""
+    if cfg.get("routing", "none") != "none" and cfg.get("dtr_placement") == "hidden" and cfg.get("arch") == "dit":
+        raise ValueError("--dtr-placement hidden is a reading for the UNet's blocks; DiT blocks are routed at "
+                         "their input (App. A, Eq. 7-8), so drop the flag or pass input")
 
 
 # -----------------------------------------------------------------------------

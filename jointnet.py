@@ -19,12 +19,21 @@ What is implemented (the authors released inference code only; this is a trainin
                    new output weights copied (R^+ W); all weights train.
     loss           Eq. 1, ||eps_x - eps_theta||^2 + ||eps_d - eps_phi||^2, one t for both modalities. Stage 1
                    trains the copy and the zero convs; --unfreeze is stage 2 (all weights, lr 1e-5, label
-                   drop 0.5 unless given). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
-                   (fixed t and noise), the Fig. 8 comparison with Direct Extend: the shapes test split, or
-                   --heldout-data for a folder / .npz (which have no split of their own).
+                   drop 0.5 unless given), a new run that --init's a stage-1 checkpoint and starts a fresh
+                   optimiser over every weight. A stage-1 run cannot be resumed as stage 2 (its optimiser
+                   holds the trainable half only), and --unfreeze over a plain RGB --init is refused (it
+                   would skip stage 1). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
+                   (fixed t and noise): a quantitative proxy for Fig. 8, which shows validation samples of
+                   JointNet and Direct Extend side by side as training goes on (a grid of samples, not a
+                   curve). It uses the shapes test split, or --heldout-data for a folder / .npz (which have
+                   no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
-                   the known part with its noised version at every step (Sec. 4.1); SDEdit refinement of a
-                   nearest-upsampled low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2).
+                   the known part with its noised version at every step, one noise draw kept for all steps as
+                   in the authors' pipeline (Sec. 4.1); SDEdit refinement of a nearest-upsampled
+                   low-resolution depth (strength 0.4); tiles for wide canvases (Sec. 4.2), MultiDiffusion-
+                   style, with a tent weight over each tile in both axes and a shifted interior tile grid
+                   where the authors' panorama code uses an x-only trapezoid (8-pixel ramps) and a circular
+                   horizontal shift (tiled_ddim says more).
     metrics        RGB -> depth against the exact depth of held-out shapes, with metrics.depth_metrics (least-
                    squares scale and shift, median over solves; AbsRel in depth, RMSE in disparity).
 
@@ -58,6 +67,11 @@ import diffusion
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
 
 SHAPE_KEYS = ("dense_modality",)  # config keys beyond train.ARCH_KEYS that a resume must keep
+# Stage 1 and 2 train different weight sets, so their optimiser states do not fit each other: a resume
+# keeps the stage, and stage 2 starts from a stage-1 checkpoint through --init with a fresh optimiser.
+RESUME_KEYS = ("unfreeze",)
+RESUME_HINTS = {"unfreeze": "start stage 2 as a new run instead: --method jointnet --init RUN/checkpoint.pt "
+                            "--unfreeze --out NEW_DIR"}
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
 SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
 
@@ -194,7 +208,7 @@ def direct_extend(net, base_state, c_x):
 
 
 # -----------------------------------------------------------------------------
-# Loss (Eq. 1) and the held-out RGB loss of Fig. 8
+# Loss (Eq. 1) and the held-out RGB loss (a proxy for Fig. 8)
 
 def dense_map(batch, name):
     """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
@@ -238,7 +252,8 @@ def heldout_batch(cfg, device):
 
 @torch.no_grad()
 def rgb_heldout_loss(model, sched, cfg):
-    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: the forgetting curve of Fig. 8.
+    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows
+    as a grid of validation samples (whether the RGB branch keeps its generation ability).
 
     Measured on every log_every-th call and held in between, so the value logged at step s is the one
     measured before the updates of its window (at step s - log_every); the cost is 1/log_every of an eval.
@@ -270,15 +285,19 @@ def _ddim_update(model_fn, sched, z, t, t_prev, target):
 def joint_ddim(model_fn, sched, z, ts, target="eps", known=None, mask=None, eta=0.0, generator=None):
     """DDIM from z (at timestep ts[0]) down the descending original indices ts; model_fn(z, t) -> output.
 
-    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by a fresh draw of
-    q(z_t | known) before every step and by `known` itself at the end, so the known part returns unchanged.
-    A channel mask gives depth -> RGB or RGB -> depth; a spatial mask inpaints both modalities.
+    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by the known part noised to
+    the step's level, sqrt(ab_t) known + sqrt(1 - ab_t) eps_known, before every step and by `known` itself
+    at the end, so the known part returns unchanged. eps_known is drawn once and kept for every step, as
+    in the authors' inpainting pipeline (a fresh draw per step would make the known channels jump between
+    unrelated noisy versions of themselves). A channel mask gives depth -> RGB or RGB -> depth; a spatial
+    mask inpaints both modalities.
     """
     ts = list(ts)
+    eps_known = None if known is None else _randn(known, generator)           # one noise for all steps
     for i, i_prev in zip(ts, ts[1:] + [-1]):
         t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
         if known is not None:
-            z = torch.where(mask, q_sample(sched, known, t, _randn(known, generator)), z)  # (B, C, H, W)
+            z = torch.where(mask, q_sample(sched, known, t, eps_known), z)    # (B, C, H, W)
         x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
         noise = _randn(z, generator) if eta > 0 else torch.zeros_like(z)
         z = ddim_step(sched, z, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
@@ -305,7 +324,8 @@ def sdedit(model_fn, sched, z_init, steps=50, strength=0.4, target="eps", known_
 
 def tile_starts(L, s, stride, offset=0):
     """Tile starts along an axis of length L: the grid offset + k stride clamped into [0, L - s], plus both
-    ends. Neighbours are at most stride <= s apart, so every pixel is covered."""
+    ends. Neighbours are at most stride <= s apart, so every pixel is covered. The tiles at 0 and L - s
+    are always there; only the interior grid moves with the offset."""
     if L <= s:
         return [0]
     return sorted({0, L - s, *(min(p, L - s) for p in range(offset, L - s + stride, stride))})
@@ -329,8 +349,18 @@ def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", who
     """Sec. 4.2: DDIM on a canvas larger than the training size (MultiDiffusion-style averaging).
 
     Each step every tile takes its own DDIM step and the canvas becomes the tile_ramp-weighted mean of
-    the results; all tiles move by one random offset per step. In the first whole_frac of the steps the
-    whole canvas (the convolutional net run on all of it) joins as one more tile of constant weight.
+    the results. Each step draws one random offset in [0, stride) per axis that shifts the interior tile
+    grid (tile_starts); the tiles at the canvas edges (0 and L - tile) stay where they are. In the first
+    whole_frac of the steps the whole canvas (the convolutional net run on all of it) joins as one more
+    tile of constant weight.
+
+    Where this differs from the authors' panorama pipeline: there the weight of a tile is a trapezoid
+    along x only (a linear ramp over 8 latent pixels at the left and right edges, flat in between and
+    in y), and the random offset is a horizontal shift of the tile grid with circular padding (tiles
+    wrap around the right edge of the panorama).
+    Here the weight is a tent over the whole tile in both axes (tile_ramp) and the canvas does not wrap,
+    which suits canvases that grow in either direction and have no left-right continuity; a pointwise
+    model gives the same result either way (the weights only decide how overlapping predictions mix).
     """
     B, C, H, W = shape
     if not (1 <= stride <= tile <= min(H, W)):
@@ -387,7 +417,7 @@ def add_args(parser):
                    "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
 
 
-INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta")  # from --init
+INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta", "dtr_placement")  # from --init
 DATA_KEYS = ("image_size", "in_channels", "num_classes")  # must agree between --init and this run's data
 
 
@@ -407,11 +437,14 @@ def prepare_config(cfg):
                        "(or a jointnet run together with --method jointnet --unfreeze)")
     if m == "direct_extend" and cfg["unfreeze"]:
         raise RunError("--unfreeze is JointNet's stage 2; direct_extend trains all weights already, drop it")
-    for k in INHERITED:
-        if k in cfg["explicit"] and cfg[k] != base[k]:
-            raise RunError(f"--init was trained with {k}={base[k]!r} but this run asks for {cfg[k]!r}; "
+    if cfg["unfreeze"] and not stage2:  # all weights from step 0 would skip stage 1 (Sec. 3.4)
+        raise RunError(f"--unfreeze starts stage 2 from a JointNet stage-1 run, but --init {cfg['init']} is a plain "
+                       "RGB run; train stage 1 first (drop --unfreeze), then --init its checkpoint with --unfreeze")
+    for k in INHERITED:  # .get: runs saved before a key existed used its default (None)
+        if k in cfg["explicit"] and cfg[k] != base.get(k):
+            raise RunError(f"--init was trained with {k}={base.get(k)!r} but this run asks for {cfg[k]!r}; "
                            f"drop the flag or use a matching --init")
-        cfg[k] = base[k]
+        cfg[k] = base.get(k)
     for k in DATA_KEYS:
         if cfg[k] != base[k]:
             raise RunError(f"--init was trained with {k}={base[k]} but this run's data gives {k}={cfg[k]}; "

@@ -44,6 +44,7 @@ Differences from the paper:
 import argparse
 import math
 import sys
+import warnings
 
 import torch
 
@@ -70,6 +71,9 @@ def check_weight_args(strategy, target, gamma, p2_k, p2_gamma):
         raise ValueError(f"unknown prediction target {target!r}: choose one of {', '.join(TARGETS)}")
     if not (math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0 (the paper uses 5), got {gamma}")
+    if strategy == "min_snr" and gamma <= 0:  # max_snr is fine: max(SNR, 0) = SNR
+        raise ValueError(f"min-SNR with gamma {gamma:g} gives every timestep weight min(SNR, {gamma:g}) = 0, so "
+                         "nothing would be learned; use gamma > 0 (the paper uses 5)")
     if not (math.isfinite(p2_k) and p2_k > 0 and math.isfinite(p2_gamma) and p2_gamma >= 0):
         raise ValueError(f"P2 needs k > 0 and gamma >= 0 (Choi et al. use k = 1, gamma = 1), got k={p2_k}, "
                          f"gamma={p2_gamma}")
@@ -156,16 +160,20 @@ def select_params(model, prefixes=None):
 
 
 def bin_gradients(model, sched, batch_x0, target, bins=10, params=None, noise=None, model_kwargs=None,
-                  generator=None):
+                  generator=None, model_target=None):
     """Rows g_k of Eq. 10-11: the gradient of the unweighted loss of timestep bin k, a (K, P) tensor.
 
     Each image of the batch gets its own timestep, uniform inside the bin; every bin reuses one noise
     draw (`noise`, or drawn from `generator`), so the rows differ by timestep only. params: the tensors
     to differentiate (default every trainable parameter; a subset such as the last layers keeps K x P
     small); P is their total size. The model is used in the mode it is in (eval(): no dropout).
+    model_target: what the network predicts, when it is not `target`. Its output is then converted
+    (diffusion.split_prediction) into `target` before the MSE, so an eps-prediction model's loss "in x0"
+    is its real x0 error ||x0 - x0_hat||^2, not its raw output compared with x0.
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown prediction target {target!r}: choose one of {', '.join(TARGETS)}")
+    for name in (target, model_target or target):
+        if name not in TARGETS:
+            raise ValueError(f"unknown prediction target {name!r}: choose one of {', '.join(TARGETS)}")
     params = select_params(model) if params is None else list(params)
     edges = timestep_bins(sched.T, bins).tolist()
     x0 = batch_x0.float()                                                       # (B, C, H, W)
@@ -174,11 +182,24 @@ def bin_gradients(model, sched, batch_x0, target, bins=10, params=None, noise=No
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = torch.randint(lo, hi, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
         with torch.enable_grad():
-            loss, _ = diffusion.diffusion_loss(model, sched, x0, t, target, noise=eps, model_kwargs=model_kwargs)
+            if model_target in (None, target):
+                loss, _ = diffusion.diffusion_loss(model, sched, x0, t, target, noise=eps, model_kwargs=model_kwargs)
+            else:
+                loss = converted_loss(model, sched, x0, t, eps, target, model_target, model_kwargs)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
                                for g, p in zip(grads, params)]))                # (P,)
     return torch.stack(rows)                                                    # (K, P)
+
+
+def converted_loss(model, sched, x0, t, eps, target, model_target, model_kwargs=None):
+    """MSE in `target` space of a network that predicts `model_target`: its output goes through
+    (x0_hat, eps_hat) = split_prediction and is re-expressed as the target (x0, eps or v)."""
+    x_t = diffusion.q_sample(sched, x0, t, eps)                                 # (B, C, H, W)
+    out = model(x_t, t, **(model_kwargs or {}))[:, : x0.shape[1]]
+    x0_hat, eps_hat = diffusion.split_prediction(sched, x_t, t, out, model_target)
+    pred = diffusion.training_target(sched, x0_hat, t, eps_hat, target)
+    return (pred - diffusion.training_target(sched, x0, t, eps, target)).pow(2).mean()
 
 
 def strategy_bin_weights(sched, target, strategy, bins=10, gamma=5.0, p2_k=1.0, p2_gamma=1.0):
@@ -255,11 +276,16 @@ def pareto_weights(G, lam=0.0, iters=10000, tol=1e-10):
     return w, max(float(w @ M @ w), 0.0)
 
 
-def pareto_weights_ugd(G, lam=0.0, steps=5000, lr=0.1):
+def pareto_weights_ugd(G, lam=0.0, steps=5000, lr=0.1, tol=1e-2):
     """Eq. 11 by unconstrained gradient descent (UGD): w = softmax(beta) (Eq. 12), Adam on beta.
 
     Eq. 13's objective is f(beta) = w^T M w; its gradient is df/dbeta_k = 2 w_k ((M w)_k - w^T M w).
     Softmax weights are never exactly 0, so UGD approaches an optimum with empty bins only from above.
+    A fixed number of Adam steps need not be enough: with gradient norms spread over orders of
+    magnitude the objective can stay far above the optimum. The result is therefore checked with the
+    Frank-Wolfe gap 2 (w^T M w - min_k (M w)_k), which bounds objective - optimum on the simplex
+    (convexity); a RuntimeWarning says so when it exceeds tol x the objective (tol x 1e-6 max_k ||g_k||^2
+    when the objective is ~0). pareto_weights solves the same problem to convergence.
     """
     M = gram(G, lam)
     M_n = M / M.diagonal().mean().clamp(min=1e-300)                           # Adam is scale-free; keeps M ~ 1
@@ -273,7 +299,14 @@ def pareto_weights_ugd(G, lam=0.0, steps=5000, lr=0.1):
         v = 0.999 * v + 0.001 * grad ** 2
         beta = beta - lr * (m / (1 - 0.9 ** k)) / ((v / (1 - 0.999 ** k)).sqrt() + 1e-8)
     w = beta.softmax(0)
-    return w, float(w @ M @ w)
+    Mw, floor = M @ w, 1e-6 * float(M.diagonal().max())
+    obj = float(w @ Mw)
+    gap = 2 * (obj - float(Mw.min()))                                          # >= objective - optimum
+    if gap > tol * max(obj, floor):
+        warnings.warn(f"UGD did not converge in {steps} Adam steps: the Frank-Wolfe gap allows its objective "
+                      f"{obj:.4g} to lie up to {gap:.3g} above the optimum (tolerance {tol:g} x the objective); "
+                      "raise steps, or use pareto_weights", RuntimeWarning, stacklevel=2)
+    return w, obj
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +328,9 @@ def weight_table(sched, gamma=5.0, p2_k=1.0, p2_gamma=1.0, ts=(0, 100, 250, 500,
 def pareto_table(G, sched, target, bins=10, lam=0.0, gamma=5.0, p2_k=1.0, p2_gamma=1.0):
     """Figure 4 as text: the weights of each bin and the Eq. 11 objective, optimum vs fixed strategies."""
     edges = timestep_bins(sched.T, bins).tolist()
-    rows = {"pareto-FW": pareto_weights(G, lam)[0], "pareto-UGD": pareto_weights_ugd(G, lam)[0]}
+    with warnings.catch_warnings(record=True) as unconverged:                  # shown under the table instead
+        warnings.simplefilter("always", RuntimeWarning)
+        rows = {"pareto-FW": pareto_weights(G, lam)[0], "pareto-UGD": pareto_weights_ugd(G, lam)[0]}
     for strategy in STRATEGIES:
         rows[strategy] = strategy_bin_weights(sched, target, strategy, bins, gamma, p2_k, p2_gamma)
     opt = pareto_objective(G, rows["pareto-FW"], lam)
@@ -311,6 +346,7 @@ def pareto_table(G, sched, target, bins=10, lam=0.0, gamma=5.0, p2_k=1.0, p2_gam
     for name, w in rows.items():
         obj = pareto_objective(G, w, lam)
         lines.append(f"  {name:11s} {obj:12.5e}   x{obj / opt if opt > 0 else float('nan'):9.3f} the optimum")
+    lines += [f"note: pareto-{w.message}" for w in unconverged if issubclass(w.category, RuntimeWarning)]
     return "\n".join(lines)
 
 
@@ -324,7 +360,7 @@ def load_batch(data_name, image_size, n, seed):
 
 
 def load_model(args, device):
-    """(model in eval mode, schedule, target, gamma, num_classes) from --ckpt or --fresh."""
+    """(model in eval mode, schedule, target, gamma, num_classes, the model's own target) from --ckpt or --fresh."""
     if args.ckpt:
         import os
         import train
@@ -338,7 +374,7 @@ def load_model(args, device):
                              "run (ddpm, minsnr, dtr, ...)")
         args.image_size, args.data = cfg["image_size"], cfg.get("data", args.data)
         gamma = cfg.get("snr_gamma", 5.0) if args.gamma is None else args.gamma
-        return model, sched, args.target or cfg["target"], gamma, cfg.get("num_classes", 0)
+        return model, sched, args.target or cfg["target"], gamma, cfg.get("num_classes", 0), cfg["target"]
     if args.arch == "unet":
         from unet import build_unet
         model = build_unet(args.model or "unet-cpu")
@@ -346,7 +382,8 @@ def load_model(args, device):
         from dit import build_dit
         model = build_dit(args.model or "DiT-T/4", args.image_size, 3, num_classes=0, class_dropout_prob=0.0)
     sched = diffusion.Schedule.make(args.schedule).to(device)
-    return model.to(device).eval(), sched, args.target or "eps", 5.0 if args.gamma is None else args.gamma, 0
+    target = args.target or "eps"  # an untrained model predicts nothing yet: take it as a --target model
+    return model.to(device).eval(), sched, target, 5.0 if args.gamma is None else args.gamma, 0, target
 
 
 def main(argv=None):
@@ -360,7 +397,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="with --fresh")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="with --fresh")
     p.add_argument("--data", default="shapes", help="with --fresh (--ckpt uses the run's data)")
-    p.add_argument("--target", choices=TARGETS, help="default: the run's target (eps with --fresh)")
+    p.add_argument("--target", choices=TARGETS, help="the loss space of the analysis (default: the run's "
+                   "target, eps with --fresh); another target converts the run's output to it")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bins", type=int, default=10, help="K, the number of timestep bins (tasks)")
     p.add_argument("--params", default="", help="comma-separated parameter-name prefixes to differentiate, "
@@ -377,7 +415,7 @@ def main(argv=None):
         p.error("--batch-size must be >= 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, sched, target, gamma, num_classes = load_model(args, device)
+        model, sched, target, gamma, num_classes, model_target = load_model(args, device)
         x0, y = load_batch(args.data, args.image_size, args.batch_size, args.seed)
         if x0.shape[1] != model.in_channels:
             raise ValueError(f"the data has {x0.shape[1]} channels but the model takes {model.in_channels}")
@@ -386,10 +424,13 @@ def main(argv=None):
         P = sum(q.numel() for q in params)
         print(f"target {target}, {sched.T} timesteps in {args.bins} bins, batch {len(x0)}, gamma {gamma}, "
               f"P = {P:,} parameters ({args.params or 'all'})\n")
+        if model_target != target:
+            print(f"the model predicts {model_target}; its output is converted to {target} for the losses\n")
         print("loss weight of each strategy (weight on the MSE of the network's own target):")
         print(weight_table(sched, gamma, args.p2_k, args.p2_gamma), "\n")
         g = torch.Generator().manual_seed(args.seed)
-        G = bin_gradients(model, sched, x0.to(device), target, args.bins, params, model_kwargs=kwargs, generator=g)
+        G = bin_gradients(model, sched, x0.to(device), target, args.bins, params, model_kwargs=kwargs, generator=g,
+                          model_target=model_target)
         print(pareto_table(G, sched, target, args.bins, args.lam, gamma, args.p2_k, args.p2_gamma))
     except ValueError as e:
         sys.exit(f"minsnr.py: {e}")

@@ -128,6 +128,9 @@ def main(argv=None):
         model, cfg, sched = train.load_run(path, ema=not args.raw, device=device)
         if args.steps is not None and not 1 <= args.steps <= cfg["T"]:
             raise ValueError(f"--steps must be in [1, {cfg['T']}], got {args.steps}")
+        if args.cfg_scale != 1 and not cfg["num_classes"]:  # guidance mixes conditional and unconditional outputs
+            raise ValueError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model, but {path} was trained "
+                             "without labels; drop --cfg-scale")
         if args.mode == "generate" and cfg["method"] in train.METHOD_MODULES:  # a method's joint sampler
             args.mode = importlib.import_module(train.METHOD_MODULES[cfg["method"]]).SAMPLE_MODES[0]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "samples", args.mode)

@@ -58,6 +58,7 @@ CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=16, steps=2000, 
                     ckpt_every=500, sample_every=1000, log_every=50, workers=0)
 GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_000, lr=1e-4, ema_decay=0.9999,
                     ckpt_every=5000, sample_every=5000, log_every=100, workers=4)
+DIT_DEFAULT = "DiT-S/2" if ON_GPU else "DiT-T/4"  # --arch dit without --model: 33M (GPU), 4.2M (CPU)
 
 
 class RunError(Exception):
@@ -82,7 +83,8 @@ def get_parser():
     a = p.add_argument
     a("--method", default="ddpm", choices=list(METHODS))
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
-    a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU")
+    a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU "
+      f"({DIT_DEFAULT} with --arch dit)")
     a("--data", default="shapes", help="'shapes', a folder of images, or an .npz file")
     a("--image-size", type=ranged(int, 8, 512))
     a("--class-cond", type=int, choices=[0, 1], default=1, help="condition on labels when the data has several classes")
@@ -105,6 +107,8 @@ def get_parser():
       "cdtr/ercdt the clustered variants of the DTR paper's App. F")
     a("--dtr-alpha", type=ranged(float, 0, 1, lo_open=True), default=0.8, help="activation ratio alpha")
     a("--dtr-beta", type=ranged(float, 0, lo_open=True), default=4.0, help="shift exponent beta")
+    a("--dtr-placement", choices=dtr.PLACEMENTS, help="where UNet blocks apply the mask: after the GroupNorm "
+      "before the output layer (hidden, default) or on the block input (input, Eq. 3); DiT: always input")
     a("--out", default="runs/default")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const="auto", help="continue OUT/checkpoint.pt (or the given checkpoint)")
@@ -126,6 +130,8 @@ def resolve_config(args, explicit=()):
     defaults = {**(GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS),
                 **dict(target="eps", weighting="none", snr_gamma=5.0, routing="none"), **METHODS[args.method]}
     cfg = dict(vars(args))
+    if cfg.get("model") is None and cfg.get("arch") == "dit":
+        cfg["model"] = DIT_DEFAULT
     for k, v in defaults.items():
         if cfg.get(k) is None or (k in METHODS[args.method] and k not in explicit):
             cfg[k] = v
@@ -133,6 +139,7 @@ def resolve_config(args, explicit=()):
     if cfg["arch"] is not None and cfg["arch"] != inferred:
         raise RunError(f"--model {cfg['model']} is a {inferred} preset but --arch is {cfg['arch']}; drop --arch or pick a matching preset")
     cfg["arch"], cfg["learn_sigma"], cfg["explicit"] = inferred, False, sorted(explicit)
+    cfg["dtr_placement"] = cfg.get("dtr_placement") or ("input" if inferred == "dit" else "hidden")
     return cfg
 
 
@@ -155,6 +162,17 @@ def check_image_size(cfg):
             raise RunError(f"--image-size {s} is not divisible by {f}, the downsampling factor of {cfg['model']}; use a multiple of {f}")
 
 
+def check_settings(cfg):
+    """Loss-weight and routing settings, checked once before training rather than at the first step."""
+    import dtr
+    import minsnr
+    try:
+        minsnr.check_weight_args(cfg["weighting"], cfg["target"], cfg["snr_gamma"], cfg["p2_k"], cfg["p2_gamma"])
+        dtr.check_routing(cfg)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
 def build_backbone(cfg, in_channels=None, out_channels=None):
     c_in = in_channels or cfg["in_channels"]
     kw = dict(num_classes=cfg["num_classes"], class_dropout_prob=cfg["cfg_drop"] if cfg["num_classes"] else 0.0)
@@ -172,7 +190,8 @@ def build_model(cfg):
         model = build_backbone(cfg)
     if cfg["routing"] != "none":
         import dtr
-        dtr.apply_routing(model, cfg["routing"], cfg["dtr_alpha"], cfg["dtr_beta"], cfg["T"], cfg["seed"])
+        dtr.apply_routing(model, cfg["routing"], cfg["dtr_alpha"], cfg["dtr_beta"], cfg["T"], cfg["seed"],
+                          placement=cfg.get("dtr_placement"))
     return model
 
 
@@ -195,12 +214,16 @@ def load_checkpoint(path):
 
 
 def check_compatible(saved, cfg, what="the checkpoint"):
+    import dtr
     method = METHOD_MODULES.get(cfg.get("method"))
-    extra = getattr(importlib.import_module(method), "SHAPE_KEYS", ()) if method else ()
-    for k in ARCH_KEYS + tuple(extra):
+    module = importlib.import_module(method) if method else None
+    extra = getattr(module, "SHAPE_KEYS", ())
+    # Keys that change no shape but the experiment: the schedule, the routing masks, the method's stage.
+    kept = ("T", "schedule", *dtr.resume_keys(saved), *getattr(module, "RESUME_KEYS", ()))
+    for k in ARCH_KEYS + tuple(extra) + kept:
         if saved.get(k) != cfg.get(k):
-            raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; "
-                           f"use matching settings or another --out")
+            hint = getattr(module, "RESUME_HINTS", {}).get(k, "use matching settings or another --out")
+            raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; {hint}")
 
 
 def load_run(path, ema=True, device="cpu"):
@@ -321,6 +344,7 @@ def train(cfg):
     if method is not None and resume is None:
         method.prepare_config(cfg)  # e.g. JointNet takes its backbone from --init
     check_image_size(cfg)
+    check_settings(cfg)
     if resume is not None:
         check_compatible(resume["config"], cfg)
 

@@ -13,12 +13,22 @@ What is implemented (ADM's design, sized down):
 
 Hooks other files use:
     - routing (dtr.py): every ResBlock and AttentionBlock has a non-persistent buffer `route_mask`
-      (None by default). When set to a (T, C) 0/1 tensor, the block multiplies its normalised hidden
-      state by route_mask[t] right after the GroupNorm that precedes its zero-initialised output
-      layer (ResBlock: the second GroupNorm, after the scale-shift and before SiLU / dropout / zero
-      conv; AttentionBlock: its GroupNorm, before qkv). This is the placement the DTR authors describe
-      for ADM. The block stays x + F(m * h): the skip path is untouched. In the ResBlock the 0/1 mask
-      is folded into the per-channel scale-shift (same numbers, a fraction of the cost).
+      (None by default) and a `route_placement`, "hidden" (default) or "input". With a (T, C) 0/1
+      mask m = route_mask[t] the skip path is always untouched and only the residual branch F sees it:
+        "hidden"  m multiplies the normalised hidden state right after the GroupNorm that precedes the
+                  zero-initialised output layer. ResBlock: the second GroupNorm, after the timestep
+                  scale-shift and before SiLU / dropout / zero conv, skip(x) + conv0(SiLU(m * GN(h)));
+                  the 0/1 mask is folded into the per-channel scale-shift (same numbers, a fraction of
+                  the cost). AttentionBlock: its only GroupNorm, x + proj(attn(m * GN(x))).
+        "input"   m multiplies the block input, Eq. 3 of the DTR paper and what the official DiT code
+                  does: skip(x) + F(m * x), C = the block's input width. Where the ResBlock changes
+                  the width, Eq. 3's (1 - m) x term has no counterpart, so the skip conv takes x unmasked.
+      The DTR paper's App. A says only that the mask sits "right after the group normalization layer"
+      in both ADM block types, to spare the normalisation statistics; it does not say which of the
+      ResBlock's two GroupNorms, and no ADM code with DTR is public. The attention block's only
+      GroupNorm is its first layer, which makes App. A there nearly Eq. 3's input masking. "hidden"
+      is one reading for the ResBlock (the norm nearest the routed output layer, statistics of the
+      unmasked features); "input" follows Eq. 3 literally (the first GroupNorm then sees masked input).
     - features (mtdiffusion.py, jointnet.py): `embed`, `conv_in`, `encode` (down stages and middle ->
       the skip tensors and the middle output), `decode` (up stages), `out`; `forward(...,
       return_features=True)` also returns {"mid": middle output, "last": the features before `out`}.
@@ -61,13 +71,22 @@ def norm(channels):
     return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups as ADM when the width allows
 
 
+ROUTE_PLACEMENTS = ("hidden", "input")  # where a block applies its routing mask (module docstring)
+
+
 class Routed(nn.Module):
     """Base of blocks that accept a timestep-dependent channel mask (see dtr.py)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, in_channels=None):
         super().__init__()
-        self.route_channels = channels
+        self.route_hidden_channels, self.route_in_channels = channels, in_channels or channels
+        self.route_placement = "hidden"
         self.register_buffer("route_mask", None, persistent=False)  # (T, C) or None
+
+    @property
+    def route_channels(self):
+        """C, the width the mask must have: the block input's or the masked hidden state's."""
+        return self.route_in_channels if self.route_placement == "input" else self.route_hidden_channels
 
     def mask(self, t, dtype):
         """route_mask[t], (B, C): each sample's mask for its timestep index."""
@@ -81,7 +100,7 @@ class Routed(nn.Module):
 
 class ResBlock(Routed):
     def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0):
-        super().__init__(out_ch)
+        super().__init__(out_ch, in_ch)
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))  # scale and shift
         self.out_norm = norm(out_ch)
@@ -90,10 +109,14 @@ class ResBlock(Routed):
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, emb, t):
-        h = self.in_layers(x)                                                 # (B, C_out, H, W)
+        routed = self.route_mask is not None
+        if routed and self.route_placement == "input":
+            h = self.in_layers(x * self.mask(t, x.dtype)[:, :, None, None])  # F(m * x); skip(x) below
+        else:
+            h = self.in_layers(x)                                             # (B, C_out, H, W)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
         gain = 1 + scale
-        if self.route_mask is not None:
+        if routed and self.route_placement == "hidden":
             # Routing: m * (GN(h) gain + shift) = GN(h) (m gain) + m shift for a 0/1 mask, so the mask
             # is folded into the per-channel gain and shift, (B, C) multiplies instead of (B, C, H, W).
             m = self.mask(t, gain.dtype)[:, :, None, None]                    # (B, C_out, 1, 1)
@@ -112,8 +135,11 @@ class AttentionBlock(Routed):
 
     def forward(self, x, emb, t):
         B, C, H, W = x.shape
-        h = self.norm(x).reshape(B, C, H * W)                                 # (B, C, L)
-        if self.route_mask is not None:
+        if self.route_mask is not None and self.route_placement == "input":
+            h = self.norm(x * self.mask(t, x.dtype)[:, :, None, None]).reshape(B, C, H * W)  # GN(m * x)
+        else:
+            h = self.norm(x).reshape(B, C, H * W)                             # (B, C, L)
+        if self.route_mask is not None and self.route_placement == "hidden":
             h = h * self.mask(t, h.dtype)[:, :, None]                         # routing: m * GN(x)
         q, k, v = self.qkv(h).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))

@@ -62,6 +62,30 @@ def test_dtr_masks_agree_with_a_linspace_formulation():
             assert dtr.window_start(1000, C, 0.8, beta).tolist() == s.tolist()
 
 
+@pytest.mark.parametrize("T", [999, 500, 4000])
+@pytest.mark.parametrize("beta", [1.0, 2.0, 4.0, 8.0])
+def test_window_start_follows_the_authors_arithmetic_beyond_t1000(T, beta):
+    """The official order of operations: t times the reciprocal 1/(T-1) (last point exactly 1), to the
+    power beta, times C - n, rounded half to even; t / (T-1) differs from it in the last bit."""
+    reciprocal = 1.0 / (T - 1)
+    for alpha in (0.5, 0.8):
+        for C in range(2, 72):
+            n = int(C * alpha)
+            if n < 1:
+                continue
+            u = [t * reciprocal for t in range(T)]
+            u[-1] = 1.0
+            expected = [round(v ** beta * (C - n)) for v in u]           # Python's round: half to even
+            assert dtr.window_start(T, C, alpha, beta).tolist() == expected, (T, C, alpha, beta)
+
+
+def test_window_start_where_division_and_reciprocal_round_apart():
+    # 499 / 998 is exactly 0.5, 499 * (1 / 998) just below it: 1.5 rounds to 2, the authors' value to 1
+    assert 499 / 998 * 3 == 1.5 and 499 * (1 / 998) * 3 < 1.5
+    assert dtr.window_start(999, 11, 0.8, 1.0)[499].item() == 1
+    assert dtr.dtr_masks(999, 11, 0.8, 1.0)[499].tolist() == window(11, 1, 8)
+
+
 def test_beta_gives_high_timesteps_more_dedicated_channels():
     s = dtr.window_start(1000, 64, 0.8, 4.0)
     assert (s[:500] <= 1).all() and s[-1] == 13                      # the window moves late
@@ -234,6 +258,62 @@ def test_dit_block_with_a_mask_is_x_plus_f_of_masked_x():
     z1 = z + g1[:, None] * block.attn(block.norm1(z) * (1 + sc1[:, None]) + sh1[:, None])
     z2 = z1 + g2[:, None] * block.mlp(block.norm2(z1) * (1 + sc2[:, None]) + sh2[:, None])
     assert torch.allclose(block(x, c, t), x + (z2 - z), atol=1e-5)  # x + F(m * x)
+
+
+def test_resblock_input_placement_masks_the_residual_branch_input():
+    """Eq. 3 read on the block input: skip(x) + F(m * x), with the mask as wide as the input."""
+    torch.manual_seed(0)
+    block = perturb(ResBlock(8, 16, emb_dim=12), std=0.2).eval()
+    block.route_placement = "input"
+    assert block.route_channels == 8
+    m = dtr.dtr_masks(10, 8, alpha=0.5, beta=2.0)
+    x, emb, t = torch.randn(2, 8, 4, 4), torch.randn(2, 12), torch.tensor([0, 9])
+    xm = x * m[t][:, :, None, None]
+    unrouted = block(xm, emb, t)                                     # skip(m x) + F(m x), no mask set
+    block.route_mask = m
+    assert torch.allclose(block(x, emb, t), block.skip(x) + unrouted - block.skip(xm), atol=1e-6)
+    block.route_placement = "hidden"                                 # the other reading: another function
+    block.route_mask = dtr.dtr_masks(10, 16, alpha=0.5, beta=2.0)
+    assert not torch.allclose(block(x, emb, t), block.skip(x) + unrouted - block.skip(xm), atol=1e-3)
+
+
+def test_attention_input_placement_normalises_the_masked_input():
+    torch.manual_seed(0)
+    block = perturb(AttentionBlock(64, head_channels=32), std=0.2).eval()
+    m = dtr.dtr_masks(10, 64)
+    x, t = torch.randn(2, 64, 3, 3), torch.tensor([2, 9])
+    xm = x * m[t][:, :, None, None]
+    expected = x + (block(xm, None, t) - xm)                         # x + F(m * x)
+    block.route_placement, block.route_mask = "input", m
+    assert torch.allclose(block(x, None, t), expected, atol=1e-5)
+
+
+def test_apply_routing_placement_on_both_backbones():
+    torch.manual_seed(0)
+    net = perturb(tiny_unet()).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    hidden = net(x, t)                                               # unrouted
+    dtr.apply_routing(net, "dtr", placement="input")
+    blocks = net.routable_blocks()
+    assert all(b.route_placement == "input" and b.route_mask.shape == (1000, b.route_channels) for b in blocks)
+    assert any(isinstance(b, ResBlock) and b.route_channels != b.route_hidden_channels for b in blocks)
+    out_input = net(x, t)
+    dtr.apply_routing(net, "dtr")                                    # default: hidden
+    assert all(b.route_placement == "hidden" for b in blocks)
+    out_hidden = net(x, t)
+    assert not torch.allclose(out_input, out_hidden, atol=1e-4) and not torch.allclose(out_hidden, hidden, atol=1e-4)
+    dtr.apply_routing(tiny_dit(), "dtr", placement="input")          # DiT: its only placement
+    with pytest.raises(ValueError, match="UNet reading"):
+        dtr.apply_routing(tiny_dit(), "dtr", placement="hidden")
+    with pytest.raises(ValueError, match="placement"):
+        dtr.apply_routing(tiny_unet(), "dtr", placement="output")
+
+
+def test_resume_keys_follow_what_the_masks_depend_on():
+    assert dtr.resume_keys({"routing": "none"}) == ("routing",)
+    assert set(dtr.resume_keys({"routing": "dtr"})) == {"routing", "dtr_alpha", "dtr_beta", "dtr_placement"}
+    assert "seed" in dtr.resume_keys({"routing": "random"}) and "dtr_beta" not in dtr.resume_keys({"routing": "random"})
+    assert set(dtr.resume_keys({"routing": "ercdt"})) == {"routing", "dtr_placement"}    # no alpha, beta or seed
 
 
 # -----------------------------------------------------------------------------

@@ -154,11 +154,11 @@ def test_spatial_inpainting_keeps_outside_and_fills_the_hole():
     out = jointnet.joint_ddim(recording, SCHED, torch.randn(1, 4, 8, 8), [999, 500, 0], known=z0, mask=mask,
                               generator=g)
     assert torch.equal(torch.where(mask, out, z0), z0) and not torch.equal(out, z0)
-    # The model saw the known part noised to each step's level: x_t = sqrt(ab) z0 + sqrt(1 - ab) eps.
-    g = torch.Generator().manual_seed(3)
+    # The model saw the known part noised to each step's level with ONE noise for all steps (the authors'
+    # pipeline): x_t = sqrt(ab) z0 + sqrt(1 - ab) eps, the same eps at t = 999, 500 and 0.
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
     for z_in, i in zip(seen, [999, 500, 0]):
-        t = torch.tensor([i])
-        expected = diffusion.q_sample(SCHED, z0, t, torch.randn(z0.shape, generator=g))
+        expected = diffusion.q_sample(SCHED, z0, torch.tensor([i]), eps)
         assert torch.equal(z_in[mask.expand_as(z0)], expected[mask.expand_as(z0)])
 
 
@@ -193,6 +193,12 @@ def test_tiles_cover_every_pixel(H, W, s, stride):
         for axis in (0, 1):
             starts = sorted({tile[axis] for tile in tiles})
             assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_edge_tiles_stay_and_the_interior_grid_moves_with_the_offset():
+    still, moved = jointnet.tile_starts(48, 16, 8, 0), jointnet.tile_starts(48, 16, 8, 3)
+    assert still[0] == moved[0] == 0 and still[-1] == moved[-1] == 32     # the edge tiles never move
+    assert set(still[1:-1]).isdisjoint(moved[1:-1])                        # the interior ones all do
 
 
 @pytest.mark.parametrize("s", [4, 8, 16])
@@ -379,6 +385,34 @@ def test_bad_jointnet_inputs_give_one_clear_sentence(rgb_run, jn_run, tmp_path):
     assert "drop it" in error_of(tmp_path / "d", "--method", "direct_extend", "--init", init, "--unfreeze")
     assert "--unfreeze" in error_of(tmp_path / "e", "--method", "jointnet", "--init", str(jn_run / "checkpoint.pt"))
     assert "no checkpoint" in error_of(tmp_path / "f", "--method", "jointnet", "--init", str(tmp_path / "none.pt"))
+
+
+def test_stage_two_is_a_new_run_from_a_stage_one_checkpoint(rgb_run, jn_run, tmp_path):
+    """--resume --unfreeze would load a stage-1 optimiser over a different weight set: refused in one
+    sentence. --init STAGE1 --unfreeze starts stage 2 with a fresh optimiser over every weight."""
+    import shutil
+    s1 = tmp_path / "s1"
+    shutil.copytree(jn_run, s1)
+    msg = error_of(s1, "--resume", "--unfreeze", "--steps", "14")
+    assert "unfreeze=False" in msg and "--init" in msg and "\n" not in msg
+    assert torch.load(s1 / "checkpoint.pt", weights_only=True)["step"] == 12
+    assert train_run(s1, "--resume", "--steps", "13") == 13                  # stage 1 continues
+    s2 = tmp_path / "s2"
+    assert train_run(s2, "--method", "jointnet", "--unfreeze", "--init", str(jn_run / "checkpoint.pt"),
+                     "--steps", "1") == 1
+    ckpt = torch.load(s2 / "checkpoint.pt", weights_only=True)
+    n_weights = len(ckpt["model"])                                            # no buffers: all parameters
+    assert len(ckpt["opt"]["state"]) == len(ckpt["opt"]["param_groups"][0]["params"]) == n_weights
+    stage1 = torch.load(jn_run / "checkpoint.pt", weights_only=True)["opt"]["param_groups"][0]["params"]
+    assert len(stage1) < n_weights                                            # stage 1: the base was frozen
+    assert train_run(s2, "--resume", "--steps", "2") == 2                    # stage 2 resumes as stage 2
+
+
+def test_unfreeze_over_a_plain_rgb_run_is_refused(rgb_run, tmp_path):
+    msg = error_of(tmp_path / "u", "--method", "jointnet", "--unfreeze", "--init", str(rgb_run / "checkpoint.pt"),
+                   "--steps", "1")
+    assert "plain RGB run" in msg and "stage 1" in msg
+    assert not (tmp_path / "u" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("mode", jointnet.SAMPLE_MODES)
