@@ -46,7 +46,9 @@ training_loss(model, batch, sched, cfg, rng) -> (loss, stats)
     runlib.StepRandom: every further random number must come from it (drawn for the global batch,
     this rank's rows kept), so that N DDP ranks train exactly as one process. model is the raw module
     in train mode; the loop wraps the call for DDP and --compile, so it must not call collectives.
-    loss: a scalar, averaged over this rank's rows. stats["mse"] (B,) is required: the per-sample loss
+    loss: a scalar, averaged over this rank's rows (DDP then averages the ranks' gradients); a term
+    averaged over a random subset of rows must divide by the subset's GLOBAL size times this rank's share
+    of the batch (mtdiffusion.training_loss does). stats["mse"] (B,) is required: the per-sample loss
     behind log.jsonl's loss-by-timestep bins; every other stat is a scalar, averaged over a log window.
     Default: the diffusion loss for --target, weighted by minsnr.config_weight.
 sample_rows(model, sched, cfg, n, generator, device) -> [tensor (n', C, H, W) in [-1, 1], ...]
