@@ -8,16 +8,19 @@ A method without modules is the plain diffusion loss (diffusion.py) with the pre
 
 Adding a method is one new file and one line here:
 
-    # toy.py
-    import runlib
+    # toy.py: x0-prediction with a random per-sample weight
+    from diffusion import q_sample
     def training_loss(model, batch, sched, cfg, rng):
-        mse = (model(batch["image"], batch["t"]) - batch["image"]).pow(2).mean((1, 2, 3))  # (B,)
-        return mse.mean(), {"mse": mse.detach()}
+        x_t = q_sample(sched, batch["image"], batch["t"], batch["noise"])              # (B, C, H, W)
+        mse = (model(x_t, batch["t"]) - batch["image"]).pow(2).mean((1, 2, 3))         # (B,)
+        w = rng.rand(rng.batch_size)                                                  # (B,)
+        return (w * mse).mean(), {"mse": mse.detach()}
 
-    # methods.py: import toy, and in METHODS
+    # methods.py: `import toy` at the top, and in METHODS
     "toy": Method(dict(), toy),
 
-tests/test_methods.py trains such a method through train.py.
+Every other hook falls back to the ddpm family's. tests/toy_method.py is this method with a flag and a
+logged number; tests/test_methods.py trains, resumes and samples it through train.py and sample.py.
 
 The protocol
 ------------
