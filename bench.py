@@ -53,8 +53,15 @@ import time
 
 import torch
 
+import data
 import diffusion
+import dtr
+import jointnet as jn
+import methods
 import metrics
+import mtdiffusion as mt
+import mtdiffusion_eval
+import runlib
 import train
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,10 +218,8 @@ def generate(model, sched, cfg, n, steps, seed, eta=0.0, batch=256):
         shape = (b, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
         y = labels[i:i + b].to(DEVICE) if K else None
         if cfg["method"] == "mtdiff":
-            import mtdiffusion as mt
             x = mt.mt_sample(model, sched, shape, steps, eta, target=cfg["target"], generator=g, device=DEVICE)[0]
         elif cfg["method"] in ("jointnet", "direct_extend"):
-            import jointnet as jn
             x = jn.sample_joint(model, sched, cfg, b, steps, batch=b, eta=eta, labels=y, generator=g, device=DEVICE)[0]
         else:
             fn = diffusion.cfg_model(model, y, 1.0, K)
@@ -225,7 +230,7 @@ def generate(model, sched, cfg, n, steps, seed, eta=0.0, batch=256):
 
 def score_checkpoint(prof, scorer, seed):
     def on_checkpoint(path, step):
-        model, cfg, sched = train.load_run(path, device=DEVICE)
+        model, cfg, sched = methods.load_run(path, device=DEVICE)
         return scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
     return on_checkpoint
 
@@ -255,7 +260,7 @@ def quality_specs(prof):
 def run_key(spec):
     """What a row's training depends on. Weighting 'snr' for eps and 'const' for x0 are weight 1, i.e. the
     unweighted loss (minsnr.py), so those rows share the run of weighting 'none'."""
-    axes = {"target": "eps", "weighting": "none", "routing": "none", **train.METHODS[spec["method"]]}
+    axes = {"target": "eps", "weighting": "none", "routing": "none", **methods.METHODS[spec["method"]].preset}
     axes.update({k: spec[k] for k in ("target", "weighting") if k in spec})
     if (axes["target"], axes["weighting"]) in (("eps", "snr"), ("x0", "const")):
         axes["weighting"] = "none"
@@ -306,7 +311,6 @@ def sdedit(model_fn, sched, x_in, t0, steps, target, generator, known=None):
 
 
 def held_out(S, n):
-    import data
     return data.first_items(data.build_dataset("shapes", S, "test", 0), n, DEVICE)
 
 
@@ -314,15 +318,14 @@ def held_out(S, n):
 def restoration(prof, scorer, mt_ckpt, base_ckpt, seed):
     """Restore n_restore held-out images with mt_patches square patches hidden: masked-region MSE,
     change of the visible region, and LPIPS-style distance to the clean image."""
-    import mtdiffusion as mt
     S, steps, n = prof["image_size"], prof["eval_steps"], prof["n_restore"]
     b = held_out(S, n)
     x0 = b["image"]
     M = mt.patch_mask(torch.full((n,), prof["mt_patches"]), S, torch.Generator().manual_seed(seed)).to(DEVICE)
     xm, keep = x0 * (1 - M), 1 - M                                                 # (n, 3, S, S), (n, 1, S, S)
     g = torch.Generator(DEVICE).manual_seed(seed)
-    model, cfg, sched = train.load_run(mt_ckpt, device=DEVICE)
-    base, bcfg, _ = train.load_run(base_ckpt, device=DEVICE)
+    model, cfg, sched = methods.load_run(mt_ckpt, device=DEVICE)
+    base, bcfg, _ = methods.load_run(base_ckpt, device=DEVICE)
     fn = diffusion.cfg_model(base, b["label"] if bcfg["num_classes"] else None, 1.0, bcfg["num_classes"])
     t0 = sched.T // 2
     outs = {"masked input": xm,
@@ -342,15 +345,14 @@ def restoration(prof, scorer, mt_ckpt, base_ckpt, seed):
 def label_accuracy(prof, ckpt):
     """Held-out accuracy of the MT-Diffusion label head (t = 0, clean image) and of the same network
     trained by cross-entropy for the same steps, on clean images and on x_t over uniform t
-    (mtdiffusion.train_classifier)."""
-    import mtdiffusion as mt
-    model, cfg, _ = train.load_run(ckpt, device=DEVICE)
+    (mtdiffusion_eval.train_classifier)."""
+    model, cfg, _ = methods.load_run(ckpt, device=DEVICE)
     b = held_out(prof["image_size"], prof["n_restore"])
     def acc(net):
         with torch.no_grad():
             return (mt.read_modality(net, b["image"]).argmax(1) == b["label"]).float().mean().item()
-    return {"mt_head": acc(model), "supervised": acc(mt.train_classifier(cfg, DEVICE).eval()),
-            "supervised_noisy": acc(mt.train_classifier(cfg, DEVICE, noised=True).eval())}
+    return {"mt_head": acc(model), "supervised": acc(mtdiffusion_eval.train_classifier(cfg, DEVICE).eval()),
+            "supervised_noisy": acc(mtdiffusion_eval.train_classifier(cfg, DEVICE, noised=True).eval())}
 
 
 def mtdiff_rows(prof, scorer, root, quality):
@@ -379,8 +381,7 @@ def mtdiff_rows(prof, scorer, root, quality):
 
 @torch.no_grad()
 def rgb_to_depth(prof, ckpt, seed):
-    import jointnet as jn
-    model, cfg, sched = train.load_run(ckpt, device=DEVICE)
+    model, cfg, sched = methods.load_run(ckpt, device=DEVICE)
     b = held_out(prof["image_size"], prof["n_restore"])
     x0, d0 = b["image"], b["depth"]
     z0 = torch.cat([x0, d0], 1)                                                     # (n, 4, S, S)
@@ -419,35 +420,33 @@ def jointnet_rows(prof, scorer, root, quality):
 
 def make_config(argv):
     """train.py's config for argv, with its data and method checks (what train.train does before training)."""
-    import data
     parser = train.get_parser()
     args = parser.parse_args(argv)
     cfg = train.resolve_config(args, {k for k, v in vars(args).items() if v != parser.get_default(k)})
     ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
     train.describe_data(cfg, ds)
-    module = importlib.import_module(train.METHOD_MODULES[cfg["method"]]) if cfg["method"] in train.METHOD_MODULES else None
-    if module:
-        module.prepare_config(cfg)
+    if methods.hook(cfg["method"], "prepare_config"):
+        methods.hook(cfg["method"], "prepare_config")(cfg)
     train.check_image_size(cfg)
-    return cfg, ds, module
+    return cfg, ds, cfg["method"]
 
 
 def speed_setups(prof, arch, init):
-    methods = list(METHODS) + (["mtdiff"] if has_module("mtdiffusion") else [])
+    names = list(METHODS) + (["mtdiff"] if has_module("mtdiffusion") else [])
     if arch == "unet" and init and has_module("jointnet"):
-        methods += ["jointnet", "direct_extend"]
+        names += ["jointnet", "direct_extend"]
     out = []
-    for m in [m for m in methods if m in prof.get("speed_methods", methods)]:
+    for m in [m for m in names if m in prof.get("speed_methods", names)]:
         # --rgb-heldout 0: the held-out RGB loss jointnet.py logs is evaluation, not part of a training step.
         extra = ["--init", init, "--rgb-heldout", "0"] if m in ("jointnet", "direct_extend") else []
-        cfg, ds, module = make_config(["--method", m, *common_flags(prof, arch, 0), *extra])
+        cfg, ds, _ = make_config(["--method", m, *common_flags(prof, arch, 0), *extra])
         torch.manual_seed(0)
-        model = train.build_model(cfg).to(DEVICE)
-        if module:
-            module.init_model(model, cfg)
+        model = methods.build_model(cfg).to(DEVICE)
+        if methods.hook(m, "init_model"):
+            methods.hook(m, "init_model")(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         out.append(dict(method=m, cfg=cfg, model=model, params=params, opt=torch.optim.AdamW(params, lr=1e-5),
-                        loss_fn=module.training_loss if module else train.default_loss, ds=ds))
+                        loss_fn=methods.hook(m, "training_loss"), ds=ds))
     return out
 
 
@@ -469,8 +468,9 @@ def timed_steps(s, batch, sched, k):
     def steps():
         for i in range(k):
             torch.manual_seed(i)
+            rng = runlib.StepRandom(torch.Generator().manual_seed(i), len(batch["t"]), device=DEVICE)
             with amp:
-                loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"])
+                loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"], rng)
             s["opt"].zero_grad(set_to_none=True)
             loss.backward()
             s["opt"].step()
@@ -485,7 +485,6 @@ def rotated(xs, r):
 
 def fixed_batch(ds, B):
     """The first B items of ds with timesteps, noise and label dropout drawn as train.py draws them."""
-    import data
     batch = data.first_items(ds, B, DEVICE)
     g = torch.Generator().manual_seed(0)
     batch["t"] = diffusion.sample_timesteps(B, 1000, generator=g).to(DEVICE)
@@ -536,15 +535,14 @@ def routing_cost(prof):
     drifts of a shared machine hit the three alike and cancel. t_b / t_a is an A/A control: its interval
     shows how small a difference the timing can resolve. Reported: medians over repeats with 95%
     bootstrap intervals."""
-    import dtr
     rows = []
     for model_name, size, batch_size, repeats in prof["routing_cost"]:
         arch = "dit" if model_name.startswith("DiT") else "unet"
         p = {**prof, "models": {arch: model_name}, "image_size": size, "batch_size": batch_size}
         cfg, ds, _ = make_config(["--method", "ddpm", *common_flags(p, arch, 0)])
         torch.manual_seed(0)
-        model = train.build_model(cfg).to(DEVICE)
-        s = dict(model=model, cfg=cfg, opt=torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn=train.default_loss)
+        model = methods.build_model(cfg).to(DEVICE)
+        s = dict(model=model, cfg=cfg, opt=torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn=methods.diffusion_training_loss)
         blocks = model.routable_blocks()
         dtr.apply_routing(model, "dtr")
         masks = [b.route_mask for b in blocks]
@@ -584,7 +582,7 @@ def sampling_speed(prof, arch):
     for m in ("ddpm", "dtr"):
         cfg, _, _ = make_config(["--method", m, *common_flags(prof, arch, 0)])
         torch.manual_seed(0)
-        model = train.build_model(cfg).to(DEVICE).eval()
+        model = methods.build_model(cfg).to(DEVICE).eval()
         fns[m] = diffusion.cfg_model(model, torch.arange(n, device=DEVICE) % cfg["num_classes"], 1.0, cfg["num_classes"])
         fns[m](torch.randn(n, 3, S, S, device=DEVICE), torch.zeros(n, dtype=torch.long, device=DEVICE))  # warm-up
     ddim = {m: [] for m in fns}
@@ -697,7 +695,7 @@ def fd_noise(prof, scorer, rows, summary):
     base = next((r for r in rows if r["name"] == "unet/ddpm"), None)
     if base is None:
         return {"fd": None}
-    model, cfg, sched = train.load_run(os.path.join(base["out"], "checkpoint.pt"), device=DEVICE)
+    model, cfg, sched = methods.load_run(os.path.join(base["out"], "checkpoint.pt"), device=DEVICE)
     again = scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], base["seed"] + 1, prof["eval_eta"]))["fd"]
     resample = abs(again - base["scores"][str(prof["checkpoints"][-1])]["fd"])
     seed_std = max((v[f"fd@{prof['checkpoints'][-1]}"]["std"] for v in summary.values()), default=0.0)
@@ -830,7 +828,7 @@ def unit_key(name, seed, step):
 def saved_step(out):
     """The step of the checkpoint in a run folder, or None."""
     path = os.path.join(out, "checkpoint.pt")
-    return train.load_checkpoint(path)["step"] if os.path.isfile(path) else None
+    return runlib.load_checkpoint(path)["step"] if os.path.isfile(path) else None
 
 
 def train_row_resumable(prof, store, root, spec, seed, score, extra=()):
@@ -913,7 +911,7 @@ def evidence_specs(prof):
 
 def checkpoint_scorer(prof, scorer, seed):
     def score(path, step):
-        model, cfg, sched = train.load_run(path, device=DEVICE)
+        model, cfg, sched = methods.load_run(path, device=DEVICE)
         return scorer(*generate(model, sched, cfg, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"]))
     return score
 
@@ -1033,8 +1031,8 @@ def evidence_claims(prof, rows):
                     "FD mean over checkpoints", a, b, -1, auc(a), auc(b))
     rest = rows.get("unet/mtdiff-masked", {})
     if rest:
-        mse = lambda k: {s: r["restoration"][k]["masked_mse"] for s, r in rest.items()}
-        ours = {s: min(r["restoration"]["MT-Diffusion (Alg. 1)"]["masked_mse"], r["restoration"]["MT-Diffusion + paste"]["masked_mse"]) for s, r in rest.items()}
+        ours = {s: min(r["restoration"][k]["masked_mse"] for k in ("MT-Diffusion (Alg. 1)", "MT-Diffusion + paste"))
+                for s, r in rest.items()}
         base = {s: min(v["masked_mse"] for k, v in r["restoration"].items() if k.startswith("ddpm")) for s, r in rest.items()}
         add("masked-image training restores better than SDEdit / replacement", "MT-Diffusion Table 1", "masked-region MSE",
             "MT-Diffusion (better of Alg. 1 and + paste)", "ddpm (better of SDEdit and replacement)", -1, ours, base)
@@ -1224,7 +1222,7 @@ def recipe_study(prof, name, args, command):
             def score(path, step, base=vname == "base", last=cks[-1]):
                 out = {}
                 for label, steps, eta, ema in ((f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}", prof["eval_steps"], prof["eval_eta"], True),) + (RECIPE_SAMPLERS if base and step == last else ()):
-                    model, cfg, sched = train.load_run(path, ema=ema, device=DEVICE)
+                    model, cfg, sched = methods.load_run(path, ema=ema, device=DEVICE)
                     out[label] = sc(*generate(model, sched, cfg, prof["n_eval"], steps, seed, eta))
                 return {"samplers": out}
             spec = dict(name=f"recipe/{vname}", arch="unet", method="ddpm")
@@ -1245,8 +1243,8 @@ def recipe_cost(prof):
     for vname, flags, _ in RECIPE_VARIANTS:
         cfg, ds, _ = make_config(["--method", "ddpm", *common_flags(prof, "unet", 0), *flags])
         torch.manual_seed(0)
-        model = train.build_model(cfg).to(DEVICE)
-        setups.append(dict(name=vname, model=model, cfg=cfg, loss_fn=train.default_loss,
+        model = methods.build_model(cfg).to(DEVICE)
+        setups.append(dict(name=vname, model=model, cfg=cfg, loss_fn=methods.diffusion_training_loss,
                            opt=torch.optim.AdamW(model.parameters(), lr=1e-5),
                            batch=fixed_batch(ds, cfg["batch_size"]),
                            sched=diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(DEVICE)))
@@ -1261,7 +1259,7 @@ def recipe_cost(prof):
 
 def recipe_markdown(prof, store, cost, command, wall_s, scorers):
     main_label = f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}"
-    lines = [f"# Recipe study: the plain ddpm baseline (eps-prediction, no weighting) on shapes", "",
+    lines = ["# Recipe study: the plain ddpm baseline (eps-prediction, no weighting) on shapes", "",
              f"`{command}`; {hardware()}; this invocation {wall_s / 60:.1f} min. One seed ({prof['seeds'][0]}). Base recipe: "
              f"{prof['image_size']}px, {prof['models']['unet']}, batch {prof['batch_size']}, lr {prof['lr']}, warm-up "
              f"{prof['warmup']}, gradient clipping {prof.get('grad_clip', 1.0)}, EMA {prof.get('ema_decay', 0.999)}, "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with per-sample (N, D) shift/scale over tokens (N, T, D)."""
+    """adaLN: x * (1 + scale) + shift, with per-sample (N, D) shift/scale over tokens (N, L, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -56,7 +56,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)                     # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D), tokens in row-major patch order
+        return x.flatten(2).transpose(1, 2)  # (N, L, D), L tokens in row-major patch order
 
 
 class Attention(nn.Module):
@@ -69,11 +69,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x):
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)      # each (N, heads, T, head_dim)
+        N, L, D = x.shape                                    # L tokens
+        qkv = self.qkv(x).reshape(N, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)      # each (N, heads, L, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)          # softmax(q k^T / sqrt(head_dim)) v
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
+        return self.proj(x.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
 
 
 class Mlp(nn.Module):
@@ -163,7 +163,7 @@ class DiTBlock(nn.Module):
         """The unchanged DiT block B(x) = x + F(x), F = the attention branch a plus the MLP branch at
         x + a; c (N, D) is the conditioning vector. With `skip`, returns skip + F(x) instead (routing)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, L, D)
         h = x + a
         out = h if skip is None else skip + a
         return out + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
@@ -193,7 +193,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * out_channels)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, L, p * p * out_channels)
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.input_size // self.patch_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float()[None])  # (1, T, D)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float()[None])  # (1, L, D)
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # fan_in = C p p, fan_out = D, as a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -257,7 +257,7 @@ class DiT(nn.Module):
         return list(self.blocks)
 
     def unpatchify(self, x):
-        """(N, T, p * p * C) tokens -> (N, C, H, W); each token's values are ordered (p_row, p_col, C)."""
+        """(N, L, p * p * C) tokens -> (N, C, H, W); each token's values are ordered (p_row, p_col, C)."""
         c, p = self.out_channels, self.patch_size
         h = w = self.input_size // p
         x = x.reshape(x.shape[0], h, w, p, p, c)   # (N, h, w, p, p, C)
@@ -286,17 +286,17 @@ class DiT(nn.Module):
     def forward(self, x, t, y=None, *, force_drop_ids=None, return_features=False):
         """x (N, C, H, W), t (N,) timestep indices, y (N,) labels or None -> (N, out_channels, H, W).
 
-        With return_features=True also returns {"tokens": (N, T, D) before the final layer,
-        "mid": (N, T, D) after the first half of the blocks, "c": (N, D) conditioning}.
+        With return_features=True also returns {"tokens": (N, L, D) before the final layer,
+        "mid": (N, L, D) after the first half of the blocks, "c": (N, D) conditioning}.
         """
         self.check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed   # (N, T, D), T = H * W / p^2
+        x = self.x_embedder(x) + self.pos_embed   # (N, L, D), L = H * W / p^2 tokens
         c = self.t_embedder(t)                    # (N, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         mid = x
         for i, block in enumerate(self.blocks):
-            x = block(x, c, t)                    # (N, T, D)
+            x = block(x, c, t)                    # (N, L, D)
             if i == len(self.blocks) // 2 - 1:
                 mid = x
         out = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)

@@ -68,12 +68,15 @@ Differences from the paper:
 """
 import argparse
 import math
-import os
 
 import torch
 from PIL import Image, ImageDraw
 
+import data
+import runlib
 from diffusion import Schedule, q_sample
+from dit import build_dit
+from unet import build_unet
 
 ROUTINGS = ("none", "dtr", "random", "cdtr", "ercdt")
 PLACEMENTS = ("hidden", "input")  # where a UNet block applies the mask (unet.py); DiT: always the input
@@ -226,6 +229,20 @@ def check_routing(cfg):
     if cfg.get("routing", "none") != "none" and cfg.get("dtr_placement") == "hidden" and cfg.get("arch") == "dit":
         raise ValueError("--dtr-placement hidden is a reading for the UNet's blocks; DiT blocks are routed at "
                          "their input (App. A, Eq. 7-8), so drop the flag or pass input")
+
+
+def route(model, cfg):
+    """apply_routing with a run config's --routing, --dtr-alpha, --dtr-beta, --dtr-placement, --T and --seed;
+    returns the model."""
+    if cfg.get("routing", "none") == "none":
+        return model
+    return apply_routing(model, cfg["routing"], cfg["dtr_alpha"], cfg["dtr_beta"], cfg["T"], cfg["seed"],
+                         placement=cfg.get("dtr_placement"))
+
+
+def routed_backbone(cfg):
+    """The network of a run whose method has no model of its own (ddpm, minsnr, dtr, rtr, ...)."""
+    return route(runlib.build_backbone(cfg), cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +424,6 @@ def print_shared(T, C, alpha, beta, seed, gaps=(1, 10, 100, 500, 999)):
 
 def _cka_inputs(model, dataset, image_size, n, device):
     """The first n test items of a dataset (data.py) and their labels when the model is conditional."""
-    import data
     ds = data.build_dataset(dataset, image_size, split="test", seed=0)
     items = [ds[i] for i in range(min(n, len(ds)))]
     x0 = torch.stack([it["image"] for it in items]).to(device)                # (n, C, S, S)
@@ -421,17 +437,13 @@ def _cka_inputs(model, dataset, image_size, n, device):
 def run_cka(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.ckpt:
-        import train
-        path = os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt
-        model, cfg, sched = train.load_run(path, ema=not args.no_ema, device=device)
+        model, cfg, sched = runlib.load_run(args.ckpt, routed_backbone, ema=not args.no_ema, device=device)
         dataset, image_size = cfg.get("data", "shapes"), cfg.get("image_size", args.image_size)
     else:
         torch.manual_seed(args.seed)
         if args.arch == "unet":
-            from unet import build_unet
             model = build_unet("unet-cpu", num_classes=0)
         else:
-            from dit import build_dit
             model = build_dit("DiT-T/4", args.image_size, 3, num_classes=0, class_dropout_prob=0.0)
         apply_routing(model.to(device), args.routing, args.alpha, args.beta, T=1000, seed=args.seed)
         sched, dataset, image_size = Schedule.make("linear", 1000), "shapes", args.image_size
@@ -459,8 +471,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="DTR masks (Fig. 2), shared channels (App. B) and CKA (Fig. 6).")
     p.add_argument("--channels", type=int, default=64, help="C, the block width to draw")
     p.add_argument("--T", type=int, default=1000, help="number of timesteps (tasks)")
-    p.add_argument("--alpha", type=float, default=0.8, help="activation ratio (paper's alpha)")
-    p.add_argument("--beta", type=float, default=4.0, help="window shift exponent (paper's beta)")
+    p.add_argument("--alpha", type=runlib.finite_float, default=0.8, help="activation ratio (paper's alpha)")
+    p.add_argument("--beta", type=runlib.finite_float, default=4.0, help="window shift exponent (paper's beta)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masks.png", help="where to write the mask picture")
     p.add_argument("--cka", help="write CKA heat-maps to this PNG (needs --ckpt or --fresh)")
@@ -471,7 +483,7 @@ def main(argv=None):
     p.add_argument("--routing", choices=ROUTINGS, default="dtr", help="routing for --fresh")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=32, help="inputs per timestep for CKA")
-    p.add_argument("--cka-min", type=float, help="CKA at the dark end of the colours (default: the smallest "
+    p.add_argument("--cka-min", type=runlib.finite_float, help="CKA at the dark end of the colours (default: the smallest "
                    "value shown; fix it, e.g. 0, to compare runs)")
     p.add_argument("--flatten", action="store_true", help="one CKA row per image (whole feature map) "
                    "instead of one per pixel/token")
@@ -486,10 +498,8 @@ def main(argv=None):
         masks_figure(args.T, args.channels, args.alpha, args.beta, args.seed).save(args.out)
         print_shared(args.T, args.channels, args.alpha, args.beta, args.seed)
         print(f"wrote {args.out}")
-    except Exception as e:  # bad input (ValueError here, RunError from train.py): one line, no traceback
-        if isinstance(e, ValueError) or type(e).__name__ == "RunError":
-            p.error(str(e))
-        raise
+    except (ValueError, runlib.RunError) as e:  # bad input: one line, no traceback
+        p.error(str(e))
 
 
 if __name__ == "__main__":

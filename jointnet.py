@@ -22,11 +22,11 @@ What is implemented (the authors released inference code only; this is a trainin
                    drop 0.5 unless given), a new run that --init's a stage-1 checkpoint and starts a fresh
                    optimiser over every weight. A stage-1 run cannot be resumed as stage 2 (its optimiser
                    holds the trainable half only), and --unfreeze over a plain RGB --init is refused (it
-                   would skip stage 1). log.jsonl's "rgb_heldout" is the RGB loss on a fixed held-out batch
-                   (fixed t and noise): a quantitative proxy for Fig. 8, which shows validation samples of
-                   JointNet and Direct Extend side by side as training goes on (a grid of samples, not a
-                   curve). It uses the shapes test split, or --heldout-data for a folder / .npz (which have
-                   no split of their own).
+                   would skip stage 1). log.jsonl's "rgb_heldout" (the log_values hook) is the RGB loss on
+                   a fixed held-out batch (fixed t and noise): a quantitative proxy for Fig. 8, which shows
+                   validation samples of JointNet and Direct Extend side by side as training goes on (a
+                   grid of samples, not a curve). It uses the shapes test split, or --heldout-data for a
+                   folder / .npz (which have no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
                    the known part with its noised version at every step, one noise draw kept for all steps as
                    in the authors' pipeline (Sec. 4.1); SDEdit refinement of a nearest-upsampled
@@ -43,7 +43,8 @@ Run:
     python train.py --method jointnet --init runs/jn/checkpoint.pt --unfreeze --out runs/jn2   # stage 2
     python train.py --method direct_extend --init runs/rgb/checkpoint.pt --out runs/de         # Fig. 2a
     python sample.py --ckpt runs/jn --mode jn-rgb2dense  # or jn-joint, jn-dense2rgb, jn-inpaint, jn-sdedit, jn-tiles
-    python jointnet.py                                   # output preservation and the joint / base sampling time
+    python jointnet_eval.py                              # output preservation and the joint / base sampling time
+The sample.py modes and that demo live in jointnet_eval.py.
 
 Differences from the paper:
     - pixel space, class labels instead of text, the shapes data with exact depth (or its seg map) instead of
@@ -54,17 +55,17 @@ Differences from the paper:
       paper's extra fine-tuning on masked inputs.
     - UNet only: the wiring needs unet.py's encode/decode taps, so --arch dit is rejected.
 """
-import argparse
 import copy
-import sys
-import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+import data
 import diffusion
+import minsnr
+import runlib
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
+from unet import UNet
 
 SHAPE_KEYS = ("dense_modality",)  # config keys beyond train.ARCH_KEYS that a resume must keep
 # Stage 1 and 2 train different weight sets, so their optimiser states do not fit each other: a resume
@@ -73,7 +74,6 @@ RESUME_KEYS = ("unfreeze",)
 RESUME_HINTS = {"unfreeze": "start stage 2 as a new run instead: --method jointnet --init RUN/checkpoint.pt "
                             "--unfreeze --out NEW_DIR"}
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
-SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
 
 
 # -----------------------------------------------------------------------------
@@ -109,12 +109,16 @@ class JointNet(nn.Module):
     """RGB branch `base` (a UNet) + its trainable copy `dense` for a c_d-channel map, densely connected.
 
     forward(z, t, y) takes z = [x_t, d_t] (B, C_x + C_d, H, W) and returns [eps_x, eps_d] with the same
-    shape, so every sampler of diffusion.py runs on it unchanged. Takes over `base`'s label dropout.
+    shape, so every sampler of diffusion.py runs on it unchanged.
+
+    Label dropout moves from `base` to the JointNet: base.class_dropout_prob is set to 0 and the JointNet
+    drops labels itself, once for both branches, so that the RGB and the dense branch always see the same
+    (dropped or kept) label. Each branch dropping on its own would train joint samples whose two halves
+    were conditioned on different labels, which classifier-free guidance never asks for.
     """
 
     def __init__(self, base, dense_channels=1, freeze_base=True):
         super().__init__()
-        from unet import UNet
         if not isinstance(base, UNet):
             raise ValueError(f"JointNet wires unet.py's UNet (encode/decode taps), not a {type(base).__name__}")
         c_x, c_d, ch = base.in_channels, dense_channels, base.ch
@@ -122,7 +126,7 @@ class JointNet(nn.Module):
             raise ValueError(f"the dense map needs 1..{c_x} channels (as many as the RGB branch at most), got {c_d}")
         self.c_x, self.c_d = c_x, c_d
         self.class_dropout_prob = base.class_dropout_prob  # one label drop, shared by both branches
-        base.class_dropout_prob = 0.0
+        base.class_dropout_prob = 0.0  # (the class docstring says why)
         dense = copy.deepcopy(base).requires_grad_(True)
         dense.conv_in = nn.Conv2d(c_d, ch, 3, padding=1)
         dense.out[-1] = nn.Conv2d(base.out[-1].in_channels, c_d, 3, padding=1)
@@ -156,19 +160,25 @@ class JointNet(nn.Module):
     def routable_blocks(self):
         return self.base.routable_blocks() + self.dense.routable_blocks()
 
-    def drop_labels(self, y):
-        if y is None or not self.training or self.class_dropout_prob == 0:
+    def drop_labels(self, y, force_drop_ids=None):
+        """Labels to the null class where force_drop_ids is true, else (training only) at random."""
+        if y is None:
             return y
-        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        if force_drop_ids is not None:
+            drop = force_drop_ids.bool()
+        elif not self.training or self.class_dropout_prob == 0:
+            return y
+        else:
+            drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
         return torch.where(drop, torch.full_like(y, self.base.num_classes), y)
 
-    def forward(self, z, t, y=None):
+    def forward(self, z, t, y=None, force_drop_ids=None):
         f = self.base.downsample_factor
         if z.ndim != 4 or z.shape[1] != self.c_x + self.c_d or z.shape[-1] % f or z.shape[-2] % f:
             raise ValueError(f"JointNet takes (B, {self.c_x + self.c_d}, H, W) with H and W divisible by {f} "
                              f"(RGB and dense channels concatenated), got {tuple(z.shape)}")
         x, d = z[:, :self.c_x], z[:, self.c_x:]                               # (B, C_x, H, W), (B, C_d, H, W)
-        y = self.drop_labels(y)
+        y = self.drop_labels(y, force_drop_ids)
         emb_x, emb_d = self.base.embed(t, y), self.dense.embed(t, y)         # (B, 4ch) each
         h_x = self.base.conv_in(x) + self.in_from_dense(d)                    # (B, ch, H, W)
         h_d = self.dense.conv_in(d) + self.in_from_rgb(x)                     # (B, ch, H, W)
@@ -214,15 +224,15 @@ def dense_map(batch, name):
     """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
     if name == "depth":
         return batch["depth"]
-    import data
     return batch["seg"][:, None].float() / (data.SEG_CLASSES - 1) * 2 - 1  # seg ids spread over [-1, 1]
 
 
-def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weight=None):
-    """Eq. 1 with one t for both modalities -> (weighted scalar loss, per-sample mse_x (B,), mse_d (B,))."""
+def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weight=None, drop=None):
+    """Eq. 1 with one t for both modalities -> (weighted scalar loss, per-sample mse_x (B,), mse_d (B,)).
+    drop (B,) bool: labels dropped to the null class (classifier-free guidance training)."""
     z0, eps = torch.cat([x0, d0], 1), torch.cat([eps_x, eps_d], 1)           # (B, C_x + C_d, H, W)
     z_t = q_sample(sched, z0, t, eps)
-    err = (model(z_t, t, y=y).float() - diffusion.training_target(sched, z0, t, eps, target)).pow(2)
+    err = (model(z_t, t, y=y, force_drop_ids=drop).float() - diffusion.training_target(sched, z0, t, eps, target)).pow(2)
     mse_x, mse_d = err[:, :x0.shape[1]].mean((1, 2, 3)), err[:, x0.shape[1]:].mean((1, 2, 3))  # (B,) each
     w = torch.ones_like(mse_x) if weight is None else weight.to(mse_x)
     return (w * (mse_x + mse_d)).mean(), mse_x, mse_d
@@ -231,18 +241,11 @@ def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weig
 _HELDOUT = {}
 
 
-def held_out_items(cfg, n):
-    """The first n items of the test split (or of --heldout-data), stacked into a batch."""
-    import data
-    return data.first_items(data.build_dataset(cfg.get("heldout_data") or cfg["data"], cfg["image_size"], "test",
-                                               cfg["seed"]), n)
-
-
-def heldout_batch(cfg, device):
+def rgb_heldout_batch(cfg, device):
     """cfg["rgb_heldout"] test items with fixed t (spread over [0, T)) and fixed noise, built once."""
     key = tuple(cfg.get(k) for k in ("data", "heldout_data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
     if key not in _HELDOUT:
-        b = held_out_items(cfg, cfg["rgb_heldout"])
+        b = runlib.held_out_items(cfg, cfg["rgb_heldout"], source=cfg.get("heldout_data"))
         x0, d0, g = b["image"], dense_map(b, cfg["dense_modality"]), torch.Generator().manual_seed(0)
         _HELDOUT[key] = {k: v.to(device) for k, v in dict(
             x0=x0, d0=d0, y=b["label"], t=torch.linspace(0, cfg["T"] - 1, len(x0)).round().long(),
@@ -252,21 +255,14 @@ def heldout_batch(cfg, device):
 
 @torch.no_grad()
 def rgb_heldout_loss(model, sched, cfg):
-    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows
-    as a grid of validation samples (whether the RGB branch keeps its generation ability).
-
-    Measured on every log_every-th call and held in between, so the value logged at step s is the one
-    measured before the updates of its window (at step s - log_every); the cost is 1/log_every of an eval.
-    """
-    calls, value = model.__dict__.get("_rgb_heldout", (0, None))
-    if calls % cfg["log_every"] == 0:
-        b, was_training = heldout_batch(cfg, next(model.parameters()).device), model.training
-        y = b["y"] if cfg["num_classes"] else None
-        model.eval()
-        value = joint_loss(model, sched, b["x0"], b["d0"], b["t"], b["eps_x"], b["eps_d"], y, cfg["target"])[1].mean()
-        model.train(was_training)
-    model.__dict__["_rgb_heldout"] = (calls + 1, value)
-    return value
+    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows as
+    a grid of validation samples (whether the RGB branch keeps its generation ability)."""
+    b, was_training = rgb_heldout_batch(cfg, next(model.parameters()).device), model.training
+    y = b["y"] if cfg["num_classes"] else None
+    model.eval()
+    value = joint_loss(model, sched, b["x0"], b["d0"], b["t"], b["eps_x"], b["eps_d"], y, cfg["target"])[1].mean()
+    model.train(was_training)
+    return value.item()
 
 
 # -----------------------------------------------------------------------------
@@ -403,16 +399,15 @@ def sample_joint(model, sched, cfg, n, steps=50, batch=64, eta=0.0, cfg_scale=1.
 
 
 # -----------------------------------------------------------------------------
-# Hooks for train.py and sample.py
+# Hooks of the method protocol (methods.py)
 
 def add_args(parser):
-    from train import ranged
     g = parser.add_argument_group("jointnet and direct_extend")
     g.add_argument("--init", help="the pretrained RGB run's checkpoint.pt (or a JointNet stage-1 run with --unfreeze)")
     g.add_argument("--unfreeze", action="store_true",
                    help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
     g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
-    g.add_argument("--rgb-heldout", type=ranged(int, 0), default=16, help="held-out images for the logged RGB loss (0: off)")
+    g.add_argument("--rgb-heldout", type=runlib.ranged(int, 0), default=16, help="held-out images for the logged RGB loss (0: off)")
     g.add_argument("--heldout-data", help="folder or .npz of held-out items for that loss (default: the shapes "
                    "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
 
@@ -423,11 +418,10 @@ DATA_KEYS = ("image_size", "in_channels", "num_classes")  # must agree between -
 
 def prepare_config(cfg):
     """Take the backbone, schedule and target from the --init run; check it against this run's data."""
-    from train import RunError, load_checkpoint
-    m = cfg["method"]
+    RunError, m = runlib.RunError, cfg["method"]
     if not cfg.get("init"):
         raise RunError(f"--method {m} extends a trained RGB model: pass --init RGB_RUN/checkpoint.pt")
-    base = load_checkpoint(cfg["init"])["config"]
+    base = runlib.load_checkpoint(cfg["init"])["config"]
     if base["arch"] != "unet" or cfg["arch"] != "unet":  # cfg["arch"] is dit only when asked for
         raise RunError(f"--method {m} is implemented on the UNet only (it needs unet.py's encode/decode taps); "
                        "drop --arch dit and --init a UNet run")
@@ -456,7 +450,7 @@ def prepare_config(cfg):
     cfg["dense_channels"] = DENSE_CHANNELS[cfg["dense_modality"]]
     if cfg.get("heldout_data"):
         try:
-            item = held_out_items(cfg, 1)
+            item = runlib.held_out_items(cfg, 1, source=cfg["heldout_data"])
         except (OSError, ValueError) as e:
             raise RunError(f"--heldout-data: {e}") from None
         has_dense, channels = cfg["dense_modality"] in item, item["image"].shape[1]
@@ -473,17 +467,15 @@ def prepare_config(cfg):
 
 
 def build_model(cfg):
-    import train
     c_x, c_d = cfg["in_channels"], cfg["dense_channels"]
     if cfg["method"] == "direct_extend":
-        return train.build_backbone(cfg, in_channels=c_x + c_d, out_channels=c_x + c_d)
-    return JointNet(train.build_backbone(cfg), c_d, freeze_base=not cfg["unfreeze"])
+        return runlib.build_backbone(cfg, in_channels=c_x + c_d, out_channels=c_x + c_d)
+    return JointNet(runlib.build_backbone(cfg), c_d, freeze_base=not cfg["unfreeze"])
 
 
 def init_model(model, cfg):
     """Copy the --init weights (its EMA) in: RGB branch + dense copy, the extended net, or a whole JointNet."""
-    import train
-    ckpt = train.load_checkpoint(cfg["init"])
+    ckpt = runlib.load_checkpoint(cfg["init"])
     state = ckpt["ema"] if "ema" in ckpt else ckpt["model"]
     if ckpt["config"]["method"] == "jointnet":
         model.load_state_dict(state)
@@ -493,159 +485,24 @@ def init_model(model, cfg):
         direct_extend(model, state, cfg["in_channels"])
 
 
-def training_loss(model, batch, sched, cfg):
-    from train import RunError
+def training_loss(model, batch, sched, cfg, rng):
     key = "depth" if cfg["dense_modality"] == "depth" else "seg"
     if key not in batch:
-        raise RunError(f"--data {cfg['data']} has no {key} maps; use the shapes data or an .npz with '{key}'")
+        raise runlib.RunError(f"--data {cfg['data']} has no {key} maps; use the shapes data or an .npz with '{key}'")
     x0, d0, t = batch["image"], dense_map(batch, cfg["dense_modality"]), batch["t"]
-    eps_d = torch.randn_like(d0)  # the loop's noise covers the image; torch's RNG is reseeded every step
-    w = None
-    if cfg["weighting"] != "none":
-        import minsnr
-        w = minsnr.loss_weight(diffusion.snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
-                               p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"])
+    eps_d = rng.randn(rng.batch_size, *d0.shape[1:])  # (B, C_d, H, W); the loop's noise covers the image
     y = batch["label"] if cfg["num_classes"] else None
-    loss, mse_x, mse_d = joint_loss(model, sched, x0, d0, t, batch["noise"], eps_d, y, cfg["target"], w)
+    drop = batch["label_drop"] if cfg["num_classes"] else None  # drawn by the loop at --cfg-drop
+    loss, mse_x, mse_d = joint_loss(model, sched, x0, d0, t, batch["noise"], eps_d, y, cfg["target"],
+                                    minsnr.config_weight(sched, t, cfg), drop)
     stats = {"mse": (mse_x + mse_d).detach(), "mse_rgb": mse_x.detach().mean(), "mse_dense": mse_d.detach().mean()}
-    if cfg["rgb_heldout"]:
-        stats["rgb_heldout"] = rgb_heldout_loss(model, sched, cfg)
     return loss, stats
+
+
+def log_values(model, sched, cfg):
+    """rgb_heldout for log.jsonl (--rgb-heldout items; 0: off)."""
+    return {"rgb_heldout": rgb_heldout_loss(model, sched, cfg)} if cfg["rgb_heldout"] else {}
 
 
 def sample_rows(model, sched, cfg, n, generator, device):
     return list(sample_joint(model, sched, cfg, n, cfg["sample_steps"], generator=generator, device=device))
-
-
-def add_sample_args(parser):
-    g = parser.add_argument_group("jointnet modes")
-    g.add_argument("--jn-strength", type=float, default=0.4, help="jn-sdedit: noise level t0 / T")
-    g.add_argument("--jn-lowres", type=int, default=4, help="jn-sdedit: downsampling of the depth to refine")
-    g.add_argument("--jn-width", type=int, help="jn-tiles: canvas width (default 3x the training size)")
-    g.add_argument("--jn-stride", type=int, help="jn-tiles: tile stride (default half the training size)")
-
-
-def sample_tiles(model, sched, cfg, args, out, g, device):
-    """jn-tiles: one canvas of --jn-width (default 3x the training size) -> OUT_rgb.png and OUT_dense.png."""
-    from sample import labels_for, save_grid
-    S, c_x = cfg["image_size"], cfg["in_channels"]
-    width, stride, y = args.jn_width or 3 * S, args.jn_stride or S // 2, labels_for(args, cfg, 1)
-    fn = diffusion.cfg_model(model, None if y is None else y.to(device), args.cfg_scale, cfg["num_classes"])
-    z = tiled_ddim(fn, sched, (1, c_x + cfg["dense_channels"], S, width), S, stride, args.steps or 50,
-                   cfg["target"], generator=g, device=device).cpu()                 # (1, C_x + C_d, S, width)
-    save_grid([z[:, :c_x]], out + "_rgb.png", ncol=1)
-    save_grid([z[:, c_x:]], out + "_dense.png", ncol=1)
-    print(f"wrote a {S}x{width} RGB canvas to {out}_rgb.png and its {cfg['dense_modality']} to {out}_dense.png")
-
-
-def sample_conditional(mode, model, sched, cfg, args, g, device):
-    """The inpainting modes and SDEdit on held-out items -> (samples (n, C_x + C_d, S, S), grid rows)."""
-    import metrics
-    b, c_x, S, steps = held_out_items(cfg, args.n), cfg["in_channels"], cfg["image_size"], args.steps or 50
-    x0, d0 = b["image"].to(device), dense_map(b, cfg["dense_modality"]).to(device)
-    z0 = torch.cat([x0, d0], 1)                                               # (n, C_x + C_d, S, S)
-    fn = diffusion.cfg_model(model, b["label"].to(device) if cfg["num_classes"] else None, args.cfg_scale,
-                             cfg["num_classes"])
-    known = torch.zeros_like(z0, dtype=torch.bool)
-    known[:, :c_x] = mode in ("jn-rgb2dense", "jn-sdedit")                   # RGB given
-    known[:, c_x:] = mode == "jn-dense2rgb"                                   # dense map given
-    if mode == "jn-inpaint":                                                  # both known outside a centre square
-        known[...] = True
-        known[..., S // 4:3 * S // 4, S // 4:3 * S // 4] = False
-    estimates = {}
-    if mode == "jn-sdedit":  # refine a nearest-upsampled low-resolution map
-        f = args.jn_lowres
-        if f < 1 or S % f:
-            raise ValueError(f"--jn-lowres {f} must be a positive divisor of the image size {S}")
-        estimates["low-res input"] = F.interpolate(F.avg_pool2d(d0, f), scale_factor=f, mode="nearest")
-        z = sdedit(fn, sched, torch.cat([x0, estimates["low-res input"]], 1), steps, args.jn_strength,
-                   cfg["target"], known, g)
-        rows = [x0, estimates["low-res input"], z[:, c_x:], d0]
-    else:
-        z = joint_ddim(fn, sched, torch.randn(z0.shape, generator=g, device=device),
-                       timestep_subset(sched.T, steps).tolist(), cfg["target"], z0, known, args.eta, g)
-        hole = torch.where(known, z0, torch.zeros_like(z0))
-        rows = {"jn-rgb2dense": [x0, z[:, c_x:], d0], "jn-dense2rgb": [d0, z[:, :c_x], x0]}.get(
-            mode, [hole[:, :c_x], z[:, :c_x], hole[:, c_x:], z[:, c_x:]])   # given, generated, ground truth
-    if cfg["dense_modality"] == "depth" and mode in ("jn-rgb2dense", "jn-sdedit"):
-        for name, d_hat in {**estimates, "JointNet": z[:, c_x:]}.items():
-            m = metrics.depth_metrics(d_hat.cpu(), d0.cpu())
-            print(f"{mode} {name}: AbsRel {m['abs_rel']:.4f}, RMSE (disparity) {m['rmse']:.4f} "
-                  f"on {len(d0)} held-out images")
-    return z, rows
-
-
-def run_sample_mode(mode, model, sched, cfg, args, out, device):
-    """Write OUT.png and OUT.npz for one of SAMPLE_MODES (jn-tiles: two PNGs); print depth metrics."""
-    import numpy as np
-    from sample import save_grid, to_uint8
-    if cfg["method"] not in ("jointnet", "direct_extend"):
-        raise ValueError(f"--mode {mode} needs a jointnet or direct_extend run, not a {cfg['method']} run")
-    g = torch.Generator(device).manual_seed(args.seed)
-    if mode == "jn-tiles":
-        return sample_tiles(model, sched, cfg, args, out, g, device)
-    if mode == "jn-joint":
-        rgb, d = sample_joint(model, sched, cfg, args.n, args.steps or 50, args.batch, args.eta, args.cfg_scale,
-                              None, g, device)
-        rows = [rgb, d]
-    else:
-        z, rows = sample_conditional(mode, model, sched, cfg, args, g, device)
-        rgb, d = z[:, :cfg["in_channels"]], z[:, cfg["in_channels"]:]
-    save_grid(rows, out + ".png")
-    np.savez(out + ".npz", images=to_uint8(rgb), dense=to_uint8(d))
-    print(f"wrote {len(rgb)} {mode} samples to {out}.npz and a grid to {out}.png")
-
-
-# -----------------------------------------------------------------------------
-# Demo: output preservation and the sampling-time ratio
-
-def main(argv=None):
-    from unet import build_unet
-    p = argparse.ArgumentParser(description="JointNet output preservation and joint / base sampling time.")
-    p.add_argument("--ckpt", help="a trained jointnet run (default: a randomly perturbed unet-cpu)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    if args.ckpt:
-        import train
-        model, cfg, sched = train.load_run(args.ckpt)
-        if not isinstance(model, JointNet):
-            sys.exit(f"error: {args.ckpt} is a {cfg['method']} run; pass a jointnet run")
-    else:
-        cfg = dict(image_size=32, num_classes=4, in_channels=3, dense_channels=1, target="eps")
-        base = build_unet("unet-cpu", 3, num_classes=4)
-        with torch.no_grad():  # a stand-in for pretrained weights: every zero-initialised layer moved off zero
-            for p_ in base.parameters():
-                p_.add_(0.05 * torch.randn_like(p_))
-        model, sched = JointNet(base, 1).eval(), diffusion.Schedule.make("linear")
-    base, S, B = model.base, cfg["image_size"], args.batch
-    z, t = torch.randn(B, model.c_x + model.c_d, S, S), torch.randint(0, sched.T, (B,))
-    y = torch.arange(B) % cfg["num_classes"] if cfg["num_classes"] else None
-    if not args.ckpt:
-        with torch.no_grad():
-            same = torch.equal(model(z, t, y)[:, :model.c_x], base(z[:, :model.c_x], t, y))
-        print(f"at initialisation the RGB output equals the base model's bit for bit: {same}")
-
-    from torch.utils.flop_counter import FlopCounterMode
-    flops = []
-    for net, inp in ((base, z[:, :model.c_x]), (model, z)):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(inp, t, y)
-        flops.append(counter.get_total_flops())
-    print(f"FLOPs of one forward: joint / base = {flops[1] / flops[0]:.3f}")
-
-    def sample_time(net, c):
-        t0 = time.perf_counter()
-        diffusion.ddim_sample(lambda x, t: net(x, t, y), sched, (B, c, S, S), args.steps)
-        return time.perf_counter() - t0
-    # Interleaved repeats, best of each: a busy machine slows both alike.
-    times = [(sample_time(base, model.c_x), sample_time(model, model.c_x + model.c_d)) for _ in range(args.repeats)]
-    t_base, t_joint = min(t[0] for t in times), min(t[1] for t in times)
-    print(f"DDIM-{args.steps}, batch {B}, {S}px, {torch.get_num_threads()} threads: base {t_base:.3f} s, "
-          f"joint {t_joint:.3f} s, ratio {t_joint / t_base:.2f}x (two branches: about 2x)")
-
-
-if __name__ == "__main__":
-    main()

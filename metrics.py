@@ -56,6 +56,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+from runlib import ranged
+
 CACHE_ENV = "DIFFUSION_FOUR_PAPERS_CACHE"  # overrides the cache folder (tests point it at a tmp dir)
 DEFAULT_CACHE = os.path.join("~", ".cache", "diffusion-four-papers")
 FEATURE_NET_VERSION = 1  # bump when FeatureNet or its training changes: cached weights are then retrained
@@ -255,7 +258,6 @@ def data_key(data_name):
 def reference_split(data_name, size, seed=0):
     """(train_dataset, held_out_dataset, held_out_start): shapes has a test split; other data holds out its
     last 10% (the feature net trains on the rest)."""
-    import data
     train = data.build_dataset(data_name, size, "train", seed)
     if data_name == "shapes":
         return train, data.build_dataset(data_name, size, "test", seed), 0
@@ -269,7 +271,6 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
     Returns (net, info) with info["accuracy"] the held-out accuracy (None for random features)."""
     if features not in ("trained", "random"):
         raise ValueError(f"features must be 'trained' or 'random', got {features!r}")
-    import data
     train, held, start = reference_split(data_name, size, seed)
     info = data.dataset_info(train)
     channels, classes = info["channels"], info["num_classes"]
@@ -462,7 +463,6 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
     """pred, gt: (B, 1, H, W) normalised disparity (data.py's depth channel, near = +1). Aligns pred to gt,
     then AbsRel = mean |z_hat - z| / z in metric depth and RMSE in the normalised disparity. Returns means
     over the batch and the per-image values."""
-    import data
     g = torch.Generator().manual_seed(seed)
     s, b = align_scale_shift(pred, gt, valid, solves, frac, generator=g)
     d_hat = (s[:, None, None, None] * pred.double() + b[:, None, None, None]).clamp(-1, 1)  # (B, 1, H, W)
@@ -479,7 +479,6 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
 # CLI
 
 def main(argv=None):
-    from train import ranged
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz written by sample.py (`images`: uint8 (N, H, W, C))")
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or an .npz: the real distribution")

@@ -7,7 +7,7 @@ Min-SNR-gamma loss weighting, and the Pareto analysis that motivates it.
     https://arxiv.org/abs/2204.00227
 
 What is implemented:
-    snr, loss_weight      the per-timestep loss weights of Sec. 3.4 (constant, SNR, max-SNR-gamma,
+    snr_of_alpha_bar, loss_weight   the per-timestep loss weights of Sec. 3.4 (constant, SNR, max-SNR-gamma,
                           min-SNR-gamma) and P2, for eps-, x0- and v-prediction. The paper states its
                           weights for x0-prediction. Since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and
                           ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2 (App. B), the eps weight is the x0
@@ -26,8 +26,8 @@ A fresh UNet or DiT has a zero-initialised output layer, so only that layer gets
 checks the machinery, a trained checkpoint gives the paper's picture. --params 'out.' (UNet) or
 'final_layer.' (DiT) restricts the gradients to the last layers when K x P would not fit in memory.
 
-train.py uses loss_weight: `--weighting min_snr --snr-gamma 5` multiplies each sample's MSE by
-loss_weight(SNR(t), target, "min_snr", 5).
+train.py uses loss_weight through config_weight: `--weighting min_snr --snr-gamma 5` multiplies each
+sample's MSE by loss_weight(SNR(t), target, "min_snr", 5), whatever method computes the MSE.
 
 Differences from the paper:
     - "none" is weight 1 on the MSE of whatever the network predicts (the DDPM baseline): it equals
@@ -48,7 +48,12 @@ import warnings
 
 import torch
 
+import data
 import diffusion
+import dtr
+import runlib
+from dit import build_dit
+from unet import build_unet
 
 STRATEGIES = ("none", "const", "snr", "max_snr", "min_snr", "p2")
 TARGETS = diffusion.TARGETS
@@ -58,8 +63,9 @@ SNR_MIN, SNR_MAX = 1e-10, 1e10
 # -----------------------------------------------------------------------------
 # Loss weights (Sec. 3.4 and 4.2)
 
-def snr(alpha_bar):
-    """SNR = alpha_bar / (1 - alpha_bar), float64 (0 at alpha_bar = 0, inf at alpha_bar = 1)."""
+def snr_of_alpha_bar(alpha_bar):
+    """SNR = alpha_bar / (1 - alpha_bar), float64 (0 at alpha_bar = 0, inf at alpha_bar = 1); diffusion.snr
+    gives the same for a schedule and timesteps."""
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
     return alpha_bar / (1 - alpha_bar)
 
@@ -96,7 +102,7 @@ def loss_weight(snr, target, strategy="min_snr", gamma=5.0, p2_k=1.0, p2_gamma=1
     """Per-sample weight on the MSE of the network's own target (eps, x0 or v), float64, shape of snr.
 
     The weight follows `target`: the same strategy gives different numbers for different targets, so
-    that the weighted losses agree in x0 space (DESIGN.md's table):
+    that the weighted losses agree in x0 space:
         strategy    x0            eps                 v
         const       1             1/SNR               1/(SNR+1)
         snr         SNR           1                   SNR/(SNR+1)
@@ -129,6 +135,15 @@ def loss_weight(snr, target, strategy="min_snr", gamma=5.0, p2_k=1.0, p2_gamma=1
     if target == "eps":
         return w / snr                                 # ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
     return w / (snr + 1)                               # ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2
+
+
+def config_weight(sched, t, cfg):
+    """A run's per-sample loss weight at timesteps t (B,) from its --weighting, --target, --snr-gamma and
+    --p2-k/--p2-gamma; None for --weighting none (every method's loss then takes the plain mean)."""
+    if cfg["weighting"] == "none":
+        return None
+    return loss_weight(diffusion.snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
+                       p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"])
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +220,7 @@ def converted_loss(model, sched, x0, t, eps, target, model_target, model_kwargs=
 def strategy_bin_weights(sched, target, strategy, bins=10, gamma=5.0, p2_k=1.0, p2_gamma=1.0):
     """A fixed strategy on the simplex of Eq. 10: its mean weight over each bin's timesteps, divided by the sum (K,)."""
     edges = timestep_bins(sched.T, bins).tolist()
-    w = loss_weight(snr(sched.alpha_bar.cpu()), target, strategy, gamma, p2_k, p2_gamma)   # (T,)
+    w = loss_weight(snr_of_alpha_bar(sched.alpha_bar.cpu()), target, strategy, gamma, p2_k, p2_gamma)   # (T,)
     w_bin = torch.stack([w[lo:hi].mean() for lo, hi in zip(edges[:-1], edges[1:])])         # (K,)
     if w_bin.sum() <= 0:
         raise ValueError(f"{strategy} gives weight 0 to every timestep (gamma = {gamma}); use gamma > 0")
@@ -315,7 +330,7 @@ def pareto_weights_ugd(G, lam=0.0, steps=5000, lr=0.1, tol=1e-2):
 def weight_table(sched, gamma=5.0, p2_k=1.0, p2_gamma=1.0, ts=(0, 100, 250, 500, 750, 999)):
     """Each strategy's weight at a few timesteps, one block per target, as text."""
     ts = [t for t in ts if t < sched.T]
-    s = snr(sched.alpha_bar.cpu()[ts])
+    s = snr_of_alpha_bar(sched.alpha_bar.cpu()[ts])
     lines = ["t          " + "".join(f"{t:>11d}" for t in ts), "SNR        " + "".join(f"{v:11.4g}" for v in s)]
     for target in TARGETS:
         lines.append(f"{target}-prediction")
@@ -352,7 +367,6 @@ def pareto_table(G, sched, target, bins=10, lam=0.0, gamma=5.0, p2_k=1.0, p2_gam
 
 def load_batch(data_name, image_size, n, seed):
     """n items of the training split, drawn at random: images (n, C, H, W) and labels (n,)."""
-    import data
     ds = data.build_dataset(data_name, image_size, split="train", seed=seed)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     items = [ds[i] for i in idx]
@@ -362,24 +376,16 @@ def load_batch(data_name, image_size, n, seed):
 def load_model(args, device):
     """(model in eval mode, schedule, target, gamma, num_classes, the model's own target) from --ckpt or --fresh."""
     if args.ckpt:
-        import os
-        import train
-        path = os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt
-        try:
-            model, cfg, sched = train.load_run(path, ema=not args.no_ema, device=device)
-        except train.RunError as e:
+        try:  # a run of a method with its own network (mtdiff, jointnet, ...) fails here, in one sentence
+            model, cfg, sched = runlib.load_run(args.ckpt, dtr.routed_backbone, ema=not args.no_ema, device=device)
+        except runlib.RunError as e:
             raise ValueError(str(e)) from None
-        if cfg.get("method") in train.METHOD_MODULES:
-            raise ValueError(f"{path} is a {cfg['method']} run; this analysis needs a single-image diffusion "
-                             "run (ddpm, minsnr, dtr, ...)")
         args.image_size, args.data = cfg["image_size"], cfg.get("data", args.data)
         gamma = cfg.get("snr_gamma", 5.0) if args.gamma is None else args.gamma
         return model, sched, args.target or cfg["target"], gamma, cfg.get("num_classes", 0), cfg["target"]
     if args.arch == "unet":
-        from unet import build_unet
         model = build_unet(args.model or "unet-cpu")
     else:
-        from dit import build_dit
         model = build_dit(args.model or "DiT-T/4", args.image_size, 3, num_classes=0, class_dropout_prob=0.0)
     sched = diffusion.Schedule.make(args.schedule).to(device)
     target = args.target or "eps"  # an untrained model predicts nothing yet: take it as a --target model
@@ -403,10 +409,10 @@ def main(argv=None):
     p.add_argument("--bins", type=int, default=10, help="K, the number of timestep bins (tasks)")
     p.add_argument("--params", default="", help="comma-separated parameter-name prefixes to differentiate, "
                    "e.g. 'out.,up.5.' (UNet) or 'final_layer.,blocks.5.' (DiT); default: all parameters")
-    p.add_argument("--lam", type=float, default=0.0, help="lambda of Eq. 11 (0: Eq. 10)")
-    p.add_argument("--gamma", type=float, help="gamma of min/max-SNR (default: the run's, else 5)")
-    p.add_argument("--p2-k", type=float, default=1.0)
-    p.add_argument("--p2-gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=runlib.finite_float, default=0.0, help="lambda of Eq. 11 (0: Eq. 10)")
+    p.add_argument("--gamma", type=runlib.finite_float, help="gamma of min/max-SNR (default: the run's, else 5)")
+    p.add_argument("--p2-k", type=runlib.finite_float, default=1.0)
+    p.add_argument("--p2-gamma", type=runlib.finite_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if bool(args.ckpt) == args.fresh:

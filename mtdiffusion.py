@@ -3,16 +3,16 @@ MT-Diffusion: one diffusion process carries an image and a second modality (a ma
 a segmentation map); a shared backbone with one head per modality; a multi-task loss.
 
     Chen et al., ICLR 2024, "Diffusion Models for Multi-Task Generative Modeling"
-    https://arxiv.org/abs/2407.17571   (no public code; the checked math is in DESIGN.md)
+    https://arxiv.org/abs/2407.17571   (no public code)
 
 Implemented, with a_t = alpha_t, ab_t = prod a, at_t = alpha_tilde_t, E(X) = sum_i w_t^i E_i(x_i):
     Eq. 3      forward aggregation  q(z_t | z_{t-1}, X) = N(sqrt(a_t) (z_{t-1} + w_t E(X)), (1 - a_t) I)
     Thm. 2     marginal  N(sqrt(ab_t) z_0 + at_t E(X), (1 - ab_t) I), at_t = sqrt(a_t) (w_t + at_{t-1}), at_0 = 0
     Eq. 5      posterior q(z_{t-1} | z_t, z_0, X); App. B: the reverse mean from eps
     Thm. 1     the prior mismatch L_0 = KL(q(z_T | z_0, X) || N(0, I))
-    Eq. 6      ||eps - eps_theta||^2 + lambda KL(q(x) || p_theta(x | z_t)), lambda = 0.1
+    Eq. 6      ||eps - eps_theta||^2 + lambda KL(q(x) || p_theta(x | z_t)), lambda = 0.1 (mt_loss)
     Alg. 1     joint and conditional generation (DDIM-respaced)
-    Sec. 2.2.4 identity encoder, the shared backbone as label encoder; an output-block replica (UNet or
+    Sec. 2.2.4 identity encoder, fixed label codes (below); an output-block replica (UNet or
                DiT) as image head, a label MLP on the middle block (variant M) or a classifier on the
                output (E); noise predictor eps_theta(z_t, t) (variant U) or eps_theta(z_t, X, t) (X)
     tasks      masked (Sec. 4.1), label (Sec. 4.2), translate (App. E.1), on the shapes data
@@ -32,11 +32,18 @@ conditioning can see it, while w_t stays small at small t as the paper wants.
 
     python train.py --method mtdiff --task masked --out runs/mt
     python sample.py --ckpt runs/mt --mode mt-restore        # Table 1 and the Fig. 5 triplets
+The sample.py modes (restoration, label accuracy, translation) live in mtdiffusion_eval.py.
 
 Differences from the paper:
-    - label codes E(y) (backbone at a zero image, t = 0) are centred over the classes and scaled to
-      unit RMS, so the forward process keeps its scale while the network behind it trains; soft
-      estimates are encoded as the expected code. Maps get a fixed colour per class (not a VQ encoder).
+    - label codes E(y) are fixed random codes (one Gaussian image per class, centred over the classes,
+      unit RMS), drawn when the model is built and stored in its state_dict, so checkpoints and the EMA
+      carry the same ones. The paper reads them from the shared backbone. Here the encoder gets no
+      gradient (the noise predictor sees the null label; the codes are stop-gradient), so codes read from
+      the training backbone are random embeddings that drift as the backbone trains (cosine ~0 between
+      steps 400 and 2,000), and Eq. 3's forward process would change under the model learning to invert
+      it. The untrained backbone cannot give them instead: its zero-initialised residual and output
+      layers make its output 0 for every label. Soft estimates are encoded as the expected code. Maps
+      get a fixed colour per class (not a VQ encoder).
     - variant X reads E(x) as extra input channels, zeros when x is unknown (the paper's "complete mask").
     - a share --mt-drop of training samples has x unknown: E(x) = 0 in Eq. 3 and as variant X's input,
       i.e. the single-task model trained alongside, as in the paper's M*/E* runs (CFG-style). Without
@@ -50,18 +57,19 @@ Differences from the paper:
     - no LPIPS: restoration is scored by MSE; the E label head is a small CNN, not ADM's classifier.
 """
 import argparse
-import copy
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import metrics
-from diffusion import Schedule, ddim_step, extract, q_sample, snr, split_prediction, timestep_subset, training_target
+import data
+import minsnr
+import runlib
+from diffusion import Schedule, ddim_step, extract, q_sample, split_prediction, timestep_subset, training_target
+from dit import DiT, FinalLayer, build_dit
+from unet import norm, zero_module
 
 TASKS = ("masked", "label", "translate")
-SHAPE_KEYS = ("task", "mt_variant", "mt_head")  # config keys that change the network: a resume must keep them
 WEIGHTS = ("paper", "const", "ramp", "sigma")
 
 
@@ -105,9 +113,15 @@ def q_sample_mt(sched, alpha_tilde, z0, t, eps, E):
 
 
 def q_posterior_mt(sched, alpha_tilde, w, z0, z_t, t, E):
-    """Mean and variance of q(z_{t-1} | z_t, z_0, X) (Eq. 5, as checked in DESIGN.md): the mean is
+    """Mean and variance of q(z_{t-1} | z_t, z_0, X) (Eq. 5): the mean is
     [sqrt(a_t)(1 - ab_{t-1}) z_t + (1 - a_t) sqrt(ab_{t-1}) z_0
-     + ((1 - a_t) at_{t-1} - a_t (1 - ab_{t-1}) w_t) E(X)] / (1 - ab_t)."""
+     + ((1 - a_t) at_{t-1} - a_t (1 - ab_{t-1}) w_t) E(X)] / (1 - ab_t).
+
+    Derivation: y_t = z_t - at_t E is the DDPM chain with y_{-1} = z_0 (at_{-1} = 0), so q(y_{t-1} | y_t, z_0)
+    is DDPM's posterior, mean [sqrt(a_t)(1 - ab_{t-1}) y_t + sqrt(ab_{t-1})(1 - a_t) z_0] / (1 - ab_t) and
+    variance (1 - ab_{t-1})(1 - a_t) / (1 - ab_t). Shift back, z_{t-1} = y_{t-1} + at_{t-1} E: E's coefficient
+    is at_{t-1} - sqrt(a_t)(1 - ab_{t-1}) at_t / (1 - ab_t); with at_t = sqrt(a_t)(w_t + at_{t-1}) and
+    a_t ab_{t-1} = ab_t it is ((1 - a_t) at_{t-1} - a_t (1 - ab_{t-1}) w_t) / (1 - ab_t)."""
     a, ab, ab_prev = sched.alphas, sched.alpha_bar, sched.alpha_bar_prev     # (T,) float64
     at_prev = torch.cat([torch.zeros_like(alpha_tilde[..., :1]), alpha_tilde[..., :-1]], -1)  # at_{t-1}
     c_z = extract(a.sqrt() * (1 - ab_prev) / (1 - ab), t, z_t).to(z_t.dtype)
@@ -152,8 +166,6 @@ class ImageHead(nn.Module):
 
     def __init__(self, backbone, out_channels):
         super().__init__()
-        from dit import DiT, FinalLayer
-        from unet import norm, zero_module
         self.dit = isinstance(backbone, DiT)
         if self.dit:
             self.p, self.c = backbone.patch_size, out_channels
@@ -166,7 +178,7 @@ class ImageHead(nn.Module):
     def forward(self, feats, z_t, eps):
         if not self.dit:
             return self.out(feats["last"])                                          # (B, C', H, W)
-        x = self.final(feats["tokens"], feats["c"])                                 # (B, T, p*p*C')
+        x = self.final(feats["tokens"], feats["c"])                                 # (B, L, p*p*C')
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(-1, h, w, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)  # (B, C', h, p, w, p)
         return x.reshape(x.shape[0], self.c, h * self.p, w * self.p)
@@ -180,7 +192,7 @@ class LabelMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, num_classes))
 
     def forward(self, feats, z_t, eps):
-        mid = feats["mid"]                                            # (B, C, h, w) or (B, T, D)
+        mid = feats["mid"]                                            # (B, C, h, w) or (B, L, D)
         return self.mlp(mid.mean((2, 3)) if mid.ndim == 4 else mid.mean(1))         # (B, K)
 
 
@@ -207,23 +219,39 @@ def palette(K):
 # -----------------------------------------------------------------------------
 # The model: shared backbone, one modality head, the fixed forward-process coefficients
 
-class MTDiffusion(nn.Module):
-    """The reverse model: eps_theta and one modality head on a shared backbone, plus E and the w_t, at_t of q."""
+def random_label_codes(K, C, size, generator=None):
+    """K fixed codes E(y) (K, C, S, S): Gaussian images centred over the classes, scaled to unit RMS."""
+    o = torch.randn(K, C, size, size, generator=generator)
+    o = o - o.mean(0)                                                          # centred over classes
+    return o / o.pow(2).mean().sqrt().clamp(min=1e-8)                          # unit RMS
 
-    def __init__(self, backbone, cfg):
+
+class MTDiffusion(nn.Module):
+    """The reverse model: eps_theta and one modality head on a shared backbone, plus E and the w_t, at_t of q.
+
+    backbone      a UNet or DiT with C outputs, 2C inputs for variant X (it reads E(x) beside z_t)
+    task          "masked", "label" or "translate"; variant "U" or "X"; head "M" or "E" (labels only)
+    channels, image_size      C and S of the images; num_classes K (labels), seg_classes (maps)
+    schedule, T, weights, scale   the noise schedule and the task-weight schedule w_t = scale * ...
+    Label codes are drawn from torch's global generator (seeded by the caller) and saved with the weights.
+    """
+
+    def __init__(self, backbone, task, variant, channels, image_size, num_classes=0, head="M", seg_classes=None,
+                 schedule="linear", T=1000, weights="sigma", scale=1.0):
         super().__init__()
-        self.backbone, self.task, self.variant = backbone, cfg["task"], cfg["mt_variant"]
-        self.C, self.size, self.num_classes = cfg["in_channels"], cfg["image_size"], cfg["num_classes"]
+        self.backbone, self.task, self.variant = backbone, task, variant
+        self.C, self.size, self.num_classes = channels, image_size, num_classes
         K = self.num_classes
         if self.task == "label":
             width = getattr(backbone, "mid_channels", None) or backbone.pos_embed.shape[-1]
-            self.head = LabelMLP(width, K) if cfg["mt_head"] == "M" else LabelCNN(self.C, K)
+            self.head = LabelMLP(width, K) if head == "M" else LabelCNN(self.C, K)
+            self.register_buffer("codes", random_label_codes(K, self.C, self.size))  # (K, C, S, S), saved
         else:
-            self.head = ImageHead(backbone, self.C if self.task == "masked" else cfg["seg_classes"])
+            self.head = ImageHead(backbone, self.C if self.task == "masked" else seg_classes)
         if self.task == "translate":
-            self.register_buffer("palette", palette(cfg["seg_classes"]), persistent=False)
-        sched = Schedule.make(cfg["schedule"], cfg["T"])
-        w = task_weights(cfg["mt_weights"], sched, cfg["mt_scale"])
+            self.register_buffer("palette", palette(seg_classes), persistent=False)
+        sched = Schedule.make(schedule, T)
+        w = task_weights(weights, sched, scale)
         self.register_buffer("w", w, persistent=False)                                       # (T,) float64
         self.register_buffer("alpha_tilde", aggregation_coefs(sched.alphas, w), persistent=False)
 
@@ -239,16 +267,9 @@ class MTDiffusion(nn.Module):
         out, feats = self.backbone(x, t, y, return_features=True)                  # (B, C, H, W)
         return out, self.head(feats, z_t, out)
 
-    @torch.no_grad()
     def label_codes(self):
-        """E(y) for every class (K, C, H, W): the backbone at a zero image, t = 0, label y, no gradient."""
-        K, bb = self.num_classes, self.backbone
-        x = torch.zeros(K, self.C, self.size, self.size, device=self.w.device)
-        was = bb.training
-        o = bb.eval()(x, torch.zeros(K, dtype=torch.long, device=x.device), torch.arange(K, device=x.device))
-        bb.train(was)
-        o = o[:, :self.C].float() - o[:, :self.C].float().mean(0)               # centred over classes
-        return o / o.pow(2).mean().sqrt().clamp(min=1e-8)                         # unit RMS
+        """E(y) for every class (K, C, H, W): fixed since construction (the docstring says why)."""
+        return self.codes
 
     def encode(self, x, codes=None):
         """E(x) (B, C, H, W): data (masked image, long labels or maps) or soft estimates (probabilities)."""
@@ -279,12 +300,45 @@ def head_loss(task, head, x):
     return ce if task == "label" else ce.mean((1, 2))
 
 
-def modality(task, batch):
-    """The task's second modality from a batch: a masked copy (m ~ U{0..10} patches), the label or the map."""
+def modality(task, batch, rng):
+    """The task's second modality from a batch: a masked copy (m ~ U{0..10} patches), the label or the map.
+    The patches come from the step's draws (runlib.StepRandom): made for the global batch, this rank's rows kept."""
     if task == "masked":
         x0 = batch["image"]
-        return x0 * (1 - patch_mask(torch.randint(0, 11, (len(x0),)), x0.shape[-1]).to(x0))
+        counts = torch.randint(0, 11, (rng.batch_size,), generator=rng.generator)  # (B_global,)
+        M = rng.local(patch_mask(counts, x0.shape[-1], rng.generator)).to(x0)    # (B, 1, S, S)
+        return x0 * (1 - M)
     return batch["label" if task == "label" else "seg"]
+
+
+def mt_loss(model, sched, x0, x, t, eps, unknown, target="eps", lam=0.1, weight=None, head_rows=None):
+    """Eq. 6 (Algorithm 2): the diffusion loss on z_t ~ q(z_t | z_0, X) plus lambda times the head's loss.
+
+    x0 (B, C, H, W) images; x the second modality (masked image, labels (B,) or maps (B, H, W));
+    t (B,), eps (B, C, H, W); unknown (B,) 0/1: rows trained with x unknown (E(x) = 0, the single-task
+    model); weight (B,) an optional per-sample weight of the diffusion term (minsnr.config_weight).
+    head_rows: the count the head loss is averaged over, by default the rows here that train the head.
+    A batch split over ranks passes (global count) x (this rank's share of the batch), so that the mean
+    of the ranks' losses, which DDP's gradient averaging takes, is the whole batch's loss.
+    Returns (scalar loss, per-sample diffusion mse (B,), head loss l_x, head output).
+    """
+    e = model.encode(x) * (1 - unknown).view(-1, 1, 1, 1)                          # (B, C, H, W), no gradient
+    z_t = q_sample_mt(sched, model.alpha_tilde, x0, t, eps, e)                      # (B, C, H, W)
+    out, head = model(z_t, t, e)
+    mse = (out.float() - training_target(sched, x0, t, eps, target)).pow(2).mean((1, 2, 3))  # (B,)
+    w = torch.ones_like(mse) if weight is None else weight.to(mse)
+    rows = unknown if model.variant == "X" else torch.ones_like(unknown)           # (B,) rows that train the head
+    n = rows.sum().clamp(min=1) if head_rows is None else head_rows
+    l_x = (head_loss(model.task, head, x) * rows).sum() / n
+    return (w * mse).mean() + lam * l_x, mse, l_x, head
+
+
+def sdedit_start(T, steps, t0):
+    """The first timestep of a `steps`-step respaced sampler at or below t0: where SDEdit starts (and noises to)."""
+    ts = [i for i in timestep_subset(T, steps).tolist() if i <= t0]
+    if not ts:
+        raise ValueError(f"no sampling step at or below t0 = {t0} with {steps} steps; raise the strength or the steps")
+    return ts[0]
 
 
 # -----------------------------------------------------------------------------
@@ -326,10 +380,12 @@ def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=Non
 
 
 # -----------------------------------------------------------------------------
-# train.py hooks
+# Hooks of the method protocol (methods.py)
+
+SHAPE_KEYS = ("task", "mt_variant", "mt_head")  # config keys that change the network: a resume must keep them
+
 
 def add_args(p):
-    from train import ranged
     g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
     g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "
                    "the label (Sec. 4.2) or the segmentation map (App. E.1)")
@@ -338,17 +394,10 @@ def add_args(p):
     g.add_argument("--mt-head", choices=["M", "E"], default="M",
                    help="label head: MLP on the middle block, or classifier on the output")
     g.add_argument("--mt-weights", choices=WEIGHTS, default="sigma", help="task-weight schedule w_t (mtdiffusion.py)")
-    g.add_argument("--mt-scale", type=ranged(float, 0), default=1.0, help="the constant c of the task-weight schedule")
-    g.add_argument("--mt-lambda", type=ranged(float, 0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
-    g.add_argument("--mt-drop", type=ranged(float, 0, 1), default=0.2,
+    g.add_argument("--mt-scale", type=runlib.ranged(float, 0), default=1.0, help="the constant c of the task-weight schedule")
+    g.add_argument("--mt-lambda", type=runlib.ranged(float, 0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
+    g.add_argument("--mt-drop", type=runlib.ranged(float, 0, 1), default=0.2,
                    help="share of samples trained with x unknown (the single-task model)")
-
-
-def _run_error(msg):
-    """train.RunError. `python train.py` runs train as __main__, whose RunError is the one it catches."""
-    import train
-    main = sys.modules.get("__main__")
-    return (main.RunError if getattr(main, "__file__", "").endswith("train.py") else train.RunError)(msg)
 
 
 def prepare_config(cfg):
@@ -356,55 +405,44 @@ def prepare_config(cfg):
         cfg["mt_variant"] = "U" if cfg["task"] == "label" else "X"
     if cfg["task"] == "label":
         if cfg["num_classes"] < 2:
-            raise _run_error("--task label needs labelled data with at least 2 classes and --class-cond 1")
+            raise runlib.RunError("--task label needs labelled data with at least 2 classes and --class-cond 1")
         if cfg["mt_variant"] == "X":
-            raise _run_error("--task label needs --mt-variant U: with X the head could read the label from the input")
-    else:
-        cfg["num_classes"] = 0  # masked and translate model the image without class conditioning
+            raise runlib.RunError("--task label needs --mt-variant U: with X the head could read the label from the input")
+    else:  # masked and translate model the image without class conditioning; through class_cond, so that
+        cfg["class_cond"], cfg["num_classes"] = 0, 0  # a resume, which re-reads the data, agrees
     if cfg["task"] == "translate":
         if cfg["data"] != "shapes":
-            raise _run_error("--task translate needs segmentation maps: use --data shapes")
-        import data
+            raise runlib.RunError("--task translate needs segmentation maps: use --data shapes")
         cfg["seg_classes"] = data.SEG_CLASSES
 
 
 def build_model(cfg):
-    import train
     C = cfg["in_channels"]
     c_in = 2 * C if cfg["mt_variant"] == "X" else C
     if cfg["arch"] == "dit" and cfg["task"] == "label":  # a DiT has the null label row only with label dropout
-        from dit import build_dit                          # (which never acts: the encoder runs in eval mode)
-        return MTDiffusion(build_dit(cfg["model"], cfg["image_size"], c_in, cfg["num_classes"], 0.1, out_channels=C),
-                           cfg)
-    return MTDiffusion(train.build_backbone(cfg, c_in, C), cfg)
+        backbone = build_dit(cfg["model"], cfg["image_size"], c_in, cfg["num_classes"], 0.1, out_channels=C)
+    else:                                                  # (which never acts: the noise predictor gets the null label)
+        backbone = runlib.build_backbone(cfg, c_in, C)
+    return MTDiffusion(backbone, cfg["task"], cfg["mt_variant"], C, cfg["image_size"], cfg["num_classes"],
+                       cfg["mt_head"], cfg.get("seg_classes"), cfg["schedule"], cfg["T"], cfg["mt_weights"],
+                       cfg["mt_scale"])
 
 
-def init_model(model, cfg):
-    """Nothing to load: MT-Diffusion trains from scratch."""
-
-
-def training_loss(model, batch, sched, cfg):
-    """Eq. 6: the diffusion loss on z_t ~ q(z_t | z_0, X) (Algorithm 2) plus lambda times the head's loss."""
-    x0, t, eps = batch["image"], batch["t"], batch["noise"]
-    x = modality(cfg["task"], batch)
-    unknown = (torch.rand(len(x0), device=x0.device) < cfg["mt_drop"]).float()    # (B,) single-task rows
-    e = model.encode(x) * (1 - unknown).view(-1, 1, 1, 1)                          # (B, C, H, W), no gradient
-    z_t = q_sample_mt(sched, model.alpha_tilde, x0, t, eps, e)                      # (B, C, H, W)
-    out, head = model(z_t, t, e)
-    mse = (out.float() - training_target(sched, x0, t, eps, cfg["target"])).pow(2).mean((1, 2, 3))  # (B,)
-    weight = torch.ones_like(mse)
-    if cfg["weighting"] != "none":
-        import minsnr
-        weight = minsnr.loss_weight(snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
-                                    p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"]).to(mse)
-    rows = unknown if model.variant == "X" else torch.ones_like(unknown)           # (B,) rows that train the head
-    n = rows.sum().clamp(min=1)
-    l_x = (head_loss(cfg["task"], head, x) * rows).sum() / n
+def training_loss(model, batch, sched, cfg, rng):
+    """Eq. 6 through mt_loss, with the modality and the single-task rows drawn from the step's draws."""
+    x0 = batch["image"]
+    x = modality(cfg["task"], batch, rng)
+    u = torch.rand(rng.batch_size, generator=rng.generator) < cfg["mt_drop"]      # (B_global,) single-task rows
+    unknown = rng.local(u).float()                                                # (B,) this rank's
+    head_rows = (int(u.sum()) if model.variant == "X" else rng.batch_size) * len(x0) / rng.batch_size
+    loss, mse, l_x, head = mt_loss(model, sched, x0, x, batch["t"], batch["noise"], unknown, cfg["target"],
+                                   cfg["mt_lambda"], minsnr.config_weight(sched, batch["t"], cfg),
+                                   max(head_rows, len(x0) / rng.batch_size))
     stats = {"mse": mse.detach(), "head": l_x.detach()}
     if cfg["task"] != "masked":  # on the rows without E(x) in z_t: reading x from the image
         hit = (head.argmax(1) == x).float().view(len(x), -1).mean(1)
         stats["acc"] = (hit * unknown).sum() / unknown.sum().clamp(min=1)
-    return (weight * mse).mean() + cfg["mt_lambda"] * l_x, stats
+    return loss, stats
 
 
 def show(model, x):
@@ -419,141 +457,6 @@ def sample_rows(model, sched, cfg, n, generator, device):
     shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
     z, x = mt_sample(model, sched, shape, cfg["sample_steps"], target=cfg["target"], generator=generator, device=device)
     return [z] + show(model, x)
-
-
-# -----------------------------------------------------------------------------
-# sample.py modes: joint generation, restoration (Table 1, Fig. 5), labels (Fig. 6), translation (Table 4)
-
-SAMPLE_MODES = ("mt-joint", "mt-restore", "mt-label", "mt-translate")
-
-
-def add_sample_args(p):
-    p.add_argument("--mt-patches", type=int, nargs="+", default=[5, 10, 15, 20], help="mt-restore: patches per image")
-    p.add_argument("--mt-sdedit", type=float, default=0.5, help="mt-restore: SDEdit starts at this fraction of T")
-
-
-def heldout_batch(cfg, n, device):
-    """The first n held-out items, stacked, on the device."""
-    import data
-    return data.first_items(data.build_dataset(cfg["data"], cfg["image_size"], "test", cfg["seed"]), n, device)
-
-
-def chunked(fn, size, *xs):
-    """fn over slices of `size` rows of every x; returns each of fn's outputs concatenated."""
-    outs = [fn(*(x[i:i + size] for x in xs)) for i in range(0, len(xs[0]), size)]
-    return [torch.cat(o) for o in zip(*outs)]
-
-
-def train_classifier(cfg, device, noised=False):
-    """Fig. 6's baselines: the same backbone and label head trained by cross-entropy, with the run's steps,
-    batch, learning rate, warm-up, gradient clipping and EMA; on clean images (t = 0), or with noised=True
-    on x_t = q_sample(x_0, t) at t ~ U{0..T-1}, the timesteps the label head sees in training (the matched
-    baseline: the same inputs, no diffusion loss, no label code in z_t)."""
-    import data
-    import train
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg).to(device).train()
-    ema = copy.deepcopy(model).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = Schedule.make(cfg["schedule"], cfg["T"]).to(device)
-    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
-    batches = train.ResumableBatches(len(ds), cfg["batch_size"], cfg["seed"])
-    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches))
-    for step in range(cfg["steps"]):
-        b = next(loader)
-        x0, y = b["image"].to(device), b["label"].to(device)
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
-        if noised:
-            t = torch.randint(0, sched.T, (len(x0),), device=device)
-            x_t = q_sample(sched, x0, t, torch.randn_like(x0))                    # (B, C, H, W)
-            loss = F.cross_entropy(model(x_t, t)[1], y)
-        else:
-            loss = F.cross_entropy(read_modality(model, x0), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        train.update_ema(ema, model, min(cfg["ema_decay"], (2 + step) / (11 + step)))
-    return ema
-
-
-def restore_table(model, sched, sample, x0, args, out):
-    """Table 1 without LPIPS: restoration of held-out images with m patches masked, against the masked
-    input itself and an SDEdit baseline run with the same model (noised to t0, then Algorithm 1)."""
-    from sample import save_grid
-    B, t0, g = args.batch, int(args.mt_sdedit * (sched.T - 1)), torch.Generator().manual_seed(args.seed)
-    print(f"restoration of {len(x0)} held-out images: MSE in the masked region / change in the unmasked region")
-    for m in args.mt_patches:
-        M = patch_mask(torch.full((len(x0),), m), x0.shape[-1], g).to(x0)              # (N, 1, S, S)
-        xm = x0 * (1 - M)                                                                # the masked input
-        t = torch.full((len(x0),), t0, device=x0.device)
-        z_sd = q_sample_mt(sched, model.alpha_tilde, xm, t, torch.randn(xm.shape, generator=g).to(x0), xm)
-        rows = {"clean vs masked": xm,
-                f"SDEdit from t={t0}": chunked(lambda a, z: sample(len(a), x=a, z_start=z, t_start=t0), B, xm, z_sd)[0],
-                "MT-Diffusion (Alg. 1)": chunked(lambda a: sample(len(a), x=a), B, xm)[0],
-                "MT-Diffusion + paste": chunked(lambda a, k: sample(len(a), x=a, z0=a, known=k), B, xm, 1 - M)[0]}
-        for name, r in rows.items():
-            err, chg = metrics.masked_region_mse(r, x0, M).mean().item(), metrics.unmasked_change(r, x0, M).mean().item()
-            print(f"  m={m:2d}  {name:24s} {err:.4f} / {chg:.4f}")
-        save_grid([x0[:8], xm[:8], rows["MT-Diffusion (Alg. 1)"][:8]], f"{out}_m{m}.png")
-    print(f"wrote original / masked / restored rows to {out}_m*.png")
-
-
-def label_accuracy(model, cfg, x0, y, args, device):
-    """Fig. 6: the label head's accuracy on held-out images (read_modality) against a supervised classifier
-    of the same backbone and head trained for the same steps."""
-    def acc(net):
-        return (chunked(lambda a: [read_modality(net, a)], args.batch, x0)[0].argmax(1) == y).float().mean().item()
-    ours = acc(model)
-    print(f"training the two supervised baselines for {cfg['steps']} steps each ...")
-    with torch.enable_grad():
-        noised, clean = acc(train_classifier(cfg, device, noised=True)), acc(train_classifier(cfg, device))
-    print(f"label accuracy on {len(y)} held-out images: MT-Diffusion-{cfg['mt_head']} {ours:.4f}; the same network "
-          f"trained by cross-entropy over uniform t {noised:.4f}, on clean images {clean:.4f}")
-
-
-def translate_table(model, sample, x0, seg, K, args, out):
-    """Table 4: per-pixel accuracy and class IoU of the maps read from held-out images (the head at t = 0);
-    and images generated from the given maps (Algorithm 1)."""
-    from sample import save_grid
-    B = args.batch
-    pred = chunked(lambda a: [read_modality(model, a)], B, x0)[0].argmax(1)
-    z = chunked(lambda s: sample(len(s), x=s)[:1], B, seg)[0]                       # the image from the map
-    print(f"map from image, {len(x0)} held-out images: per-pixel accuracy {metrics.pixel_accuracy(pred, seg):.4f}, "
-          f"class IoU {metrics.mean_iou(pred, seg, K):.4f} (all background: {metrics.pixel_accuracy(torch.zeros_like(seg), seg):.4f})")
-    save_grid([show(model, seg[:8])[0], z[:8], x0[:8], show(model, pred[:8])[0]], out + ".png")
-    print(f"wrote rows map / image from the map / true image / map from the image to {out}.png")
-
-
-@torch.no_grad()
-def run_sample_mode(mode, model, sched, cfg, args, out, device):
-    from sample import save_grid, to_uint8
-    need = {"mt-restore": "masked", "mt-label": "label", "mt-translate": "translate"}.get(mode, cfg["task"])
-    if cfg["task"] != need:
-        raise ValueError(f"--mode {mode} needs a run trained with --task {need}; this one has --task {cfg['task']}")
-    if min(args.mt_patches) < 0 or not 0 < args.mt_sdedit <= 1:
-        raise ValueError("--mt-patches must be >= 0 and --mt-sdedit in (0, 1]")
-    g = torch.Generator(device).manual_seed(args.seed)
-    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    def sample(n, **kw):
-        return mt_sample(model, sched, (n, *shape), args.steps or 50, args.eta, target=cfg["target"], generator=g,
-                         device=device, **kw)
-    if mode == "mt-joint":  # generation from scratch
-        z, x = chunked(lambda i: sample(len(i)), args.batch, torch.arange(args.n))
-        save_grid([z[:8], *show(model, x[:8])], out + ".png")
-        torch.save({"images": torch.from_numpy(to_uint8(z)), "modality": x.cpu()}, out + ".pt")
-        print(f"wrote {len(z)} joint samples to {out}.pt and a grid to {out}.png")
-        return
-    b = heldout_batch(cfg, args.n, device)
-    if mode == "mt-restore":
-        restore_table(model, sched, sample, b["image"], args, out)
-    elif mode == "mt-label":
-        label_accuracy(model, cfg, b["image"], b["label"], args, device)
-    else:
-        translate_table(model, sample, b["image"], b["seg"], cfg["seg_classes"], args, out)
 
 
 # -----------------------------------------------------------------------------
@@ -572,12 +475,11 @@ def print_schedules(noise="linear", T=1000, scale=1.0):
 
 
 if __name__ == "__main__":
-    from train import ranged
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
     parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
     parser.add_argument("--T", type=int, default=1000)
-    parser.add_argument("--scale", type=ranged(float, 0), default=1.0)
+    parser.add_argument("--scale", type=runlib.ranged(float, 0), default=1.0)
     args = parser.parse_args()
     if not args.schedules:
         parser.print_help()

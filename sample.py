@@ -9,55 +9,19 @@ The one sampling CLI: load a checkpoint written by train.py and draw samples.
 Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`, -1 for an unconditional
 model; `python metrics.py --samples OUT.npz` scores them). Methods with their own sampling tasks
 (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices, implemented in their
-paper's file.
+evaluation files (mtdiffusion_eval.py, jointnet_eval.py) and found through the registry in methods.py.
 """
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import diffusion
-
-SAMPLE_MODULES = ("mtdiffusion", "jointnet")
-
-
-def to_uint8(x):
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C); 1 channel stays 1, more than 3 keep the first 3."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x[:, :3].permute(0, 2, 3, 1).numpy()
-
-
-def save_grid(rows, path, ncol=None):
-    """Save a list of (N, C, H, W) tensors in [-1, 1] as one PNG: each tensor fills whole rows of the grid."""
-    tiles = []
-    for r in rows:
-        u = to_uint8(r)
-        tiles.append(np.repeat(u, 3, axis=-1) if u.shape[-1] == 1 else u)
-    ncol = ncol or min(8, max(len(t) for t in tiles))
-    pad, h, w = 2, tiles[0].shape[1], tiles[0].shape[2]
-    lines = []
-    for t in tiles:
-        for i in range(0, len(t), ncol):
-            chunk = list(t[i:i + ncol]) + [np.zeros_like(t[0])] * (ncol - len(t[i:i + ncol]))
-            lines.append(np.concatenate([np.pad(c, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for c in chunk], 1))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.concatenate(lines, 0)).save(path)
-
-
-def labels_for(args, cfg, n, offset=0):
-    if not cfg["num_classes"]:
-        return None
-    if args.cls is None:  # cycle through the classes
-        return (torch.arange(offset, offset + n) % cfg["num_classes"]).long()
-    if not 0 <= args.cls < cfg["num_classes"]:
-        raise ValueError(f"--class {args.cls} is outside the model's classes 0..{cfg['num_classes'] - 1}")
-    return torch.full((n,), args.cls, dtype=torch.long)
+import methods
+from runlib import RunError, checkpoint_path, finite_float, labels_for, save_grid, to_uint8
 
 
 @torch.no_grad()
@@ -88,33 +52,21 @@ def get_parser():
     a("--batch", type=int, default=64, help="samples per forward pass")
     a("--sampler", choices=["ddim", "ddpm"], default="ddim")
     a("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")
-    a("--eta", type=float, default=1.0, help="DDIM eta (1: ancestral, the respaced DDPM step; 0: deterministic, "
+    a("--eta", type=finite_float, default=1.0, help="DDIM eta (1: ancestral, the respaced DDPM step; 0: deterministic, "
       "which needs a longer-trained model)")
-    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    a("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale (1: off)")
     a("--class", dest="cls", type=int, help="class label for every sample (default: cycle through classes)")
     a("--seed", type=int, default=0)
     a("--raw", action="store_true", help="use the raw weights instead of the EMA")
     a("--progress", action="store_true", help="show a progress bar per batch")
-    owners = mode_owners()
-    for mod in dict.fromkeys(owners.values()):
-        mod.add_sample_args(p)
-    a("--mode", choices=["generate", *owners], default="generate", help="what to sample; methods add their own modes")
+    methods.add_sample_args(p)
+    a("--mode", choices=["generate", *methods.sample_modes()], default="generate",
+      help="what to sample; methods add their own modes")
     return p
-
-
-def mode_owners():
-    """{mode name: the paper module that implements it} (modules list theirs in SAMPLE_MODES)."""
-    owners = {}
-    for name in SAMPLE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            mod = importlib.import_module(name)
-            owners.update({m: mod for m in getattr(mod, "SAMPLE_MODES", ())})
-    return owners
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    import train
     for name, v in (("--n", args.n), ("--batch", args.batch)):
         if v < 1:
             sys.exit(f"error: {name} must be at least 1, got {v}")
@@ -123,26 +75,26 @@ def main(argv=None):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    path = os.path.join(args.ckpt, "checkpoint.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    path = checkpoint_path(args.ckpt)
     try:
-        model, cfg, sched = train.load_run(path, ema=not args.raw, device=device)
+        model, cfg, sched = methods.load_run(path, ema=not args.raw, device=device)
         if args.steps is not None and not 1 <= args.steps <= cfg["T"]:
             raise ValueError(f"--steps must be in [1, {cfg['T']}], got {args.steps}")
         if args.cfg_scale != 1 and not cfg["num_classes"]:  # guidance mixes conditional and unconditional outputs
             raise ValueError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model, but {path} was trained "
                              "without labels; drop --cfg-scale")
-        if args.mode == "generate" and cfg["method"] in train.METHOD_MODULES:  # a method's joint sampler
-            args.mode = importlib.import_module(train.METHOD_MODULES[cfg["method"]]).SAMPLE_MODES[0]
+        if args.mode == "generate" and methods.hook(cfg["method"], "SAMPLE_MODES"):  # a method's joint sampler
+            args.mode = methods.hook(cfg["method"], "SAMPLE_MODES")[0]
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "samples", args.mode)
         if os.path.splitext(out)[1].lower() in (".png", ".npz"):  # --out grid.png means the stem "grid"
             out = os.path.splitext(out)[0]
         if args.mode != "generate":
-            return mode_owners()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)
+            return methods.sample_modes()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)
         # Each rank draws its share with its own seed; rank 0 gathers and writes one file.
         share = [args.n // world + (r < args.n % world) for r in range(world)]
         g = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
         x, y = generate(model, sched, cfg, args, share[rank], sum(share[:rank]), g, device)
-    except (train.RunError, ValueError) as e:
+    except (RunError, ValueError) as e:
         sys.exit(f"error: {e}")
     if ddp:
         parts = [None] * world

@@ -10,21 +10,20 @@ The one training loop: every method in this repository trains through it.
 `--method NAME` is a preset over independent axes (routing, loss weighting, prediction target, and
 the methods that own their own loss: mtdiff, jointnet, direct_extend); explicit flags override it.
 This file holds no paper math: losses come from diffusion.py (weighted by minsnr.py) or from the
-method's own file, routing from dtr.py.
+method's own file, routing from dtr.py. methods.py holds the registry of methods and documents the
+hooks through which a method's file plugs into this loop; runlib.py the run helpers (checkpoints,
+the one-sentence RunError, argument checks).
 
 Reproducibility: all randomness of step k (timesteps, noise, dropout, label dropout) is seeded from
 (seed, rank, k), and the data order from (seed, epoch), so a resumed run continues exactly.
-A run directory holds config.json, checkpoint.pt (written atomically), log.jsonl and samples/*.png.
+A run directory holds config.json, checkpoint.pt (written atomically), log.jsonl and samples/*.png;
+temporary checkpoint files that a killed process left behind are removed when a run starts or resumes.
 """
 import argparse
 import contextlib
 import copy
-import importlib
-import importlib.util
 import json
-import math
 import os
-import pickle
 import signal
 import sys
 import time
@@ -32,25 +31,18 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 import diffusion
-from dit import DIT_PRESETS, build_dit
-from unet import UNET_PRESETS, build_unet
+import dtr
+import methods
+import minsnr
+import runlib
+from dit import DIT_PRESETS
+from runlib import RunError, ranged
+from unet import UNET_PRESETS
 
-# --method presets over the independent axes; explicit flags win over these values.
-METHODS = {
-    "ddpm": dict(),
-    "minsnr": dict(weighting="min_snr", snr_gamma=5.0, target="eps"),
-    "dtr": dict(routing="dtr"),
-    "rtr": dict(routing="random"),
-    "dtr_minsnr": dict(routing="dtr", weighting="min_snr", snr_gamma=5.0),
-    "mtdiff": dict(),
-    "jointnet": dict(),
-    "direct_extend": dict(),
-}
-# Methods whose model, loss and sample grid live in their paper's file.
-METHOD_MODULES = {"mtdiff": "mtdiffusion", "jointnet": "jointnet", "direct_extend": "jointnet"}
 # Config keys that fix the network's shape: a checkpoint must agree on all of them.
 ARCH_KEYS = ("method", "arch", "model", "image_size", "in_channels", "num_classes", "learn_sigma")
 ON_GPU = torch.cuda.is_available()
@@ -61,27 +53,10 @@ GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_0
 DIT_DEFAULT = "DiT-S/2" if ON_GPU else "DiT-T/4"  # --arch dit without --model: 33M (GPU), 4.2M (CPU)
 
 
-class RunError(Exception):
-    """A problem with the user's input: printed as one sentence, no traceback."""
-
-
-def ranged(cast, lo=None, hi=None, lo_open=False):
-    """An argparse type: cast the string, refuse values outside [lo, hi] ((lo, hi] with lo_open)."""
-    def parse(s):
-        v = cast(s)
-        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-            lo_s = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}"
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo_s}, {hi if hi is not None else 'inf'}]")
-        return v
-    return parse
-
-
 def get_parser():
-    import dtr
-    import minsnr
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--method", default="ddpm", choices=list(METHODS))
+    a("--method", default="ddpm", choices=list(methods.METHODS), help="a preset of methods.py's registry")
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
     a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU "
       f"({DIT_DEFAULT} with --arch dit)")
@@ -119,21 +94,20 @@ def get_parser():
     a("--workers", type=ranged(int, 0))
     a("--compile", action="store_true", help="torch.compile the model")
     a("--max-nonfinite", type=ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
-    for name in sorted(set(METHOD_MODULES.values())):
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).add_args(p)
+    methods.add_args(p)
     return p
 
 
 def resolve_config(args, explicit=()):
     """argparse Namespace -> plain config dict: explicit flags, else the method preset, else the defaults."""
+    preset = methods.METHODS[args.method].preset
     defaults = {**(GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS),
-                **dict(target="eps", weighting="none", snr_gamma=5.0, routing="none"), **METHODS[args.method]}
+                **dict(target="eps", weighting="none", snr_gamma=5.0, routing="none"), **preset}
     cfg = dict(vars(args))
     if cfg.get("model") is None and cfg.get("arch") == "dit":
         cfg["model"] = DIT_DEFAULT
     for k, v in defaults.items():
-        if cfg.get(k) is None or (k in METHODS[args.method] and k not in explicit):
+        if cfg.get(k) is None or (k in preset and k not in explicit):
             cfg[k] = v
     inferred = "dit" if cfg["model"].startswith("DiT") else "unet"
     if cfg["arch"] is not None and cfg["arch"] != inferred:
@@ -164,8 +138,6 @@ def check_image_size(cfg):
 
 def check_settings(cfg):
     """Loss-weight and routing settings, checked once before training rather than at the first step."""
-    import dtr
-    import minsnr
     try:
         minsnr.check_weight_args(cfg["weighting"], cfg["target"], cfg["snr_gamma"], cfg["p2_k"], cfg["p2_gamma"])
         dtr.check_routing(cfg)
@@ -173,125 +145,15 @@ def check_settings(cfg):
         raise RunError(str(e)) from None
 
 
-def build_backbone(cfg, in_channels=None, out_channels=None):
-    c_in = in_channels or cfg["in_channels"]
-    kw = dict(num_classes=cfg["num_classes"], class_dropout_prob=cfg["cfg_drop"] if cfg["num_classes"] else 0.0)
-    if cfg["arch"] == "dit":
-        return build_dit(cfg["model"], cfg["image_size"], c_in, learn_sigma=cfg.get("learn_sigma", False),
-                         out_channels=out_channels, **kw)
-    return build_unet(cfg["model"], c_in, out_channels, **kw)
-
-
-def build_model(cfg):
-    """The network for a config: a backbone (+ routing masks), or the method's own model."""
-    if cfg["method"] in METHOD_MODULES:
-        model = importlib.import_module(METHOD_MODULES[cfg["method"]]).build_model(cfg)
-    else:
-        model = build_backbone(cfg)
-    if cfg["routing"] != "none":
-        import dtr
-        dtr.apply_routing(model, cfg["routing"], cfg["dtr_alpha"], cfg["dtr_beta"], cfg["T"], cfg["seed"],
-                          placement=cfg.get("dtr_placement"))
-    return model
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True, turning every failure into one clear sentence."""
-    if not os.path.isfile(path):
-        raise RunError(f"no checkpoint at {path}: train first (python train.py --out DIR) or check the path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise RunError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values, "
-                           "which could run code when unpickled; only checkpoints written by train.py load") from None
-        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {e}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        raise RunError(f"{path} is not a checkpoint written by train.py (it lacks 'model' and 'config')")
-    return ckpt
-
-
 def check_compatible(saved, cfg, what="the checkpoint"):
-    import dtr
-    method = METHOD_MODULES.get(cfg.get("method"))
-    module = importlib.import_module(method) if method else None
-    extra = getattr(module, "SHAPE_KEYS", ())
-    # Keys that change no shape but the experiment: the schedule, the routing masks, the method's stage.
-    kept = ("T", "schedule", *dtr.resume_keys(saved), *getattr(module, "RESUME_KEYS", ()))
-    for k in ARCH_KEYS + tuple(extra) + kept:
+    hook = lambda name: methods.hook(cfg["method"], name)
+    # Beyond the shape: keys that change the experiment (the schedule, the routing masks, the method's stage).
+    kept = ("T", "schedule", *dtr.resume_keys(saved), *hook("RESUME_KEYS"))
+    hints = hook("RESUME_HINTS")
+    for k in ARCH_KEYS + tuple(hook("SHAPE_KEYS")) + kept:
         if saved.get(k) != cfg.get(k):
-            hint = getattr(module, "RESUME_HINTS", {}).get(k, "use matching settings or another --out")
+            hint = hints.get(k, "use matching settings or another --out")
             raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; {hint}")
-
-
-def load_run(path, ema=True, device="cpu"):
-    """(model, config, schedule) from a checkpoint; EMA weights by default. For sample.py and analysis tools."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
-    return model.to(device).eval(), cfg, diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # an interrupted write leaves no partial file behind
-            os.remove(tmp)
-
-
-class ResumableBatches(torch.utils.data.Sampler):
-    """Infinite batches of indices; epoch e is a permutation seeded by (seed, e). Rank r takes its slice
-    of each global batch, so one process and N ranks see the same global batches. `start` skips batches."""
-
-    def __init__(self, n, global_batch, seed, rank=0, world=1, start=0):
-        if n < global_batch:
-            raise RunError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower --batch-size")
-        self.n, self.B, self.seed, self.rank, self.world, self.start = n, global_batch, seed, rank, world, start
-
-    def __iter__(self):
-        per_epoch, b = self.n // self.B, self.B // self.world
-        k = self.start
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + k // per_epoch)
-            perm = torch.randperm(self.n, generator=g)
-            for j in range(k % per_epoch, per_epoch):
-                batch = perm[j * self.B:(j + 1) * self.B]
-                yield batch[self.rank * b:(self.rank + 1) * b].tolist()
-                k += 1
-
-
-def default_loss(model, batch, sched, cfg):
-    """Diffusion loss for the ddpm family: --target, weighted by --weighting (minsnr.py)."""
-    x0, t = batch["image"], batch["t"]
-    w = None
-    if cfg["weighting"] != "none":
-        import minsnr
-        w = minsnr.loss_weight(diffusion.snr(sched, t), cfg["target"], cfg["weighting"], cfg["snr_gamma"],
-                               p2_k=cfg["p2_k"], p2_gamma=cfg["p2_gamma"])
-    # Labels drop to the null class where the loop drew label_drop (classifier-free guidance training).
-    kw = dict(y=batch["label"], force_drop_ids=batch["label_drop"]) if cfg["num_classes"] else {}
-    loss, mse = diffusion.diffusion_loss(model, sched, x0, t, cfg["target"], w, batch["noise"], kw)
-    return loss, {"mse": mse}
-
-
-def default_samples(model, sched, cfg, n, generator, device):
-    """Rows of a sample grid: n EMA samples (DDIM), classes cycling across columns when conditional."""
-    y = torch.arange(n, device=device) % cfg["num_classes"] if cfg["num_classes"] else None
-    fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
-    shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    # eta = 1 (the respaced ancestral sampler): after minutes of CPU training it gives clean samples where
-    # deterministic DDIM (eta = 0) still leaves visible noise.
-    return [diffusion.ddim_sample(fn, sched, shape, cfg["sample_steps"], eta=1.0, target=cfg["target"],
-                                  generator=generator, device=device)]
 
 
 class Objective(torch.nn.Module):
@@ -301,17 +163,8 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model, self.loss_fn, self.sched, self.cfg = model, loss_fn, sched, cfg
 
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch, self.sched, self.cfg)
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        else:  # frozen weights (JointNet's base) stay bit-identical in the EMA
-            e.copy_(p)
+    def forward(self, batch, rng):
+        return self.loss_fn(self.model, batch, self.sched, self.cfg, rng)
 
 
 def train(cfg):
@@ -329,33 +182,37 @@ def train(cfg):
 
     resume = None
     if cfg["resume"]:
-        resume = load_checkpoint(ckpt_path if cfg["resume"] == "auto" else cfg["resume"])
+        resume = runlib.load_checkpoint(ckpt_path if cfg["resume"] == "auto" else cfg["resume"])
         # Continue the saved experiment; flags given now override it (checked below for shape changes).
         cfg = {**resume["config"], **{k: cfg[k] for k in cfg["explicit"]}, "resume": cfg["resume"], "out": out}
         cfg["arch"] = "dit" if cfg["model"].startswith("DiT") else "unet"
     elif os.path.exists(ckpt_path):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    method = importlib.import_module(METHOD_MODULES[cfg["method"]]) if cfg["method"] in METHOD_MODULES else None
+    if master:  # a kill -9 during a checkpoint write leaves checkpoint.pt.tmp.PID behind
+        for tmp in runlib.remove_stale_temporaries(ckpt_path):
+            print(f"removed {tmp}, a partial checkpoint of a process that no longer runs")
+    def hook(name):  # the method's hook (methods.py documents each); cfg's method is final here
+        return methods.hook(cfg["method"], name)
     try:
         dataset = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
     except ValueError as e:
         raise RunError(str(e)) from None
     describe_data(cfg, dataset)
-    if method is not None and resume is None:
-        method.prepare_config(cfg)  # e.g. JointNet takes its backbone from --init
+    if hook("prepare_config") is not None and resume is None:
+        hook("prepare_config")(cfg)  # e.g. JointNet takes its backbone from --init
     check_image_size(cfg)
     check_settings(cfg)
     if resume is not None:
         check_compatible(resume["config"], cfg)
 
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg).to(device)
+    model = methods.build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step = seen = 0  # optimiser steps taken, batches consumed (more when non-finite steps were skipped)
-    if method is not None and resume is None:
-        method.init_model(model, cfg)  # e.g. JointNet copies the pretrained weights into both branches
+    if hook("init_model") is not None and resume is None:
+        hook("init_model")(model, cfg)  # e.g. JointNet copies the pretrained weights into both branches
         ema.load_state_dict(model.state_dict())
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -363,8 +220,7 @@ def train(cfg):
         opt.load_state_dict(resume["opt"])
         step, seen = resume["step"], resume["seen"]
     sched = diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
-    loss_fn = method.training_loss if method is not None else default_loss
-    sample_fn = method.sample_rows if method is not None else default_samples
+    loss_fn, sample_fn, log_fn = hook("training_loss"), hook("sample_rows"), hook("log_values")
     objective = Objective(model, loss_fn, sched, cfg)
     if cfg["compile"]:
         objective = torch.compile(objective)
@@ -373,7 +229,7 @@ def train(cfg):
         objective = DDP(objective, device_ids=[device] if ON_GPU else None, broadcast_buffers=False)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else contextlib.nullcontext()
 
-    sampler = ResumableBatches(len(dataset), cfg["batch_size"], cfg["seed"], rank, world, start=seen)
+    sampler = runlib.ResumableBatches(len(dataset), cfg["batch_size"], cfg["seed"], rank, world, start=seen)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["workers"],
                                               pin_memory=ON_GPU, persistent_workers=cfg["workers"] > 0))
     if master:
@@ -394,20 +250,19 @@ def train(cfg):
 
     def checkpoint():
         if master:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            runlib.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "step": step, "seen": seen, "config": cfg, "method": cfg["method"]})
 
     def sample_grid():
         if master:
-            from sample import save_grid
             g = torch.Generator(device).manual_seed(cfg["seed"])
             rows = sample_fn(ema, sched, cfg, 16, g, device)
-            save_grid(rows, os.path.join(out, "samples", f"step_{step:07d}.png"))
+            runlib.save_grid(rows, os.path.join(out, "samples", f"step_{step:07d}.png"))
 
-    from tqdm import tqdm
     bar = tqdm(total=cfg["steps"], initial=step, disable=not master, dynamic_ncols=True)
     window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
     extra = {}
+    logged = None  # the log_values hook's numbers for the current window, measured at its start
     nonfinite = 0
     B = cfg["batch_size"]
     while step < cfg["steps"] and stop["signal"] is None:
@@ -416,6 +271,7 @@ def train(cfg):
         # Step-k randomness is a function of (seed, rank, k): exact resume, same draws on every rank count.
         torch.manual_seed(cfg["seed"] * 1_000_003 + step * 7919 + rank)
         g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+        rng = runlib.StepRandom(g, B, rank, world, device)  # the method's own draws continue from g
         x_shape = (B, *batch["image"].shape[1:])
         sl = slice(rank * (B // world), (rank + 1) * (B // world))
         batch["t"] = diffusion.sample_timesteps(B, cfg["T"], generator=g)[sl].to(device)
@@ -426,7 +282,9 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         with amp:
-            loss, stats = objective(batch)
+            if log_fn is not None and master and logged is None:
+                logged = log_fn(model, sched, cfg)
+            loss, stats = objective(batch, rng)
         flags = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)], device=device)
         if ddp:  # every rank must skip, or stop, together
             dist.all_reduce(flags)
@@ -448,7 +306,7 @@ def train(cfg):
             torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         step += 1
-        update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
+        runlib.update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
 
         window["loss"] += loss.item(); window["n"] += 1; window["images"] += B
         bins = (batch["t"].cpu() * 10 // cfg["T"]).long()
@@ -462,13 +320,13 @@ def train(cfg):
             s, c = window["bins"]
             rec = {"step": step, "loss": window["loss"] / window["n"], "lr": lr, "img_per_s": window["images"] / dt,
                    "loss_bins": [None if c[i] == 0 else (s[i] / c[i]).item() for i in range(10)],
-                   **{k: v / window["n"] for k, v in extra.items()}}
+                   **{k: v / window["n"] for k, v in extra.items()}, **(logged or {})}
             if master:
                 with open(os.path.join(out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
-            extra = {}
+            extra, logged = {}, None
         bar.update(1)
         if step % cfg["ckpt_every"] == 0:
             checkpoint()
@@ -493,8 +351,8 @@ def main(argv=None):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg["batch_size"] % world:
             raise RunError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} processes; use a multiple of {world}")
-        if cfg["method"] not in METHOD_MODULES and not cfg["resume"]:
-            check_image_size(cfg)
+        if methods.hook(cfg["method"], "prepare_config") is None and not cfg["resume"]:
+            check_image_size(cfg)  # (a prepare_config may still change the model, e.g. JointNet's --init)
     except RunError as e:
         parser.error(str(e))
     try:
@@ -504,5 +362,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("train", sys.modules[__name__])  # the methods' `import train` must find this module
     main()

@@ -6,9 +6,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import diffusion
 import jointnet
+import jointnet_eval
+import metrics
+import runlib
+import sample
+import train
+from dit import build_dit
 from jointnet import JointNet
 from unet import UNet
 
@@ -92,6 +100,33 @@ def test_label_drop_is_shared_by_both_branches(monkeypatch):
     assert 10 < (seen[0] == 4).sum() < 54                                  # about half dropped to the null class
 
 
+@pytest.mark.parametrize("method", ["jointnet", "direct_extend"])
+def test_training_loss_draws_as_one_process_on_every_rank_count(method, monkeypatch):
+    """The dense noise and the label drops come from the step's draws (made for the global batch), so the
+    two halves of a batch on two ranks see what one process sees; labels drop exactly where the loop
+    drew label_drop."""
+    base = pretrained_unet()
+    model = (JointNet(base, 1) if method == "jointnet" else runlib.build_backbone(
+        dict(arch="unet", model="unet-cpu", in_channels=4, num_classes=4, cfg_drop=0.5), 4, 4)).train()
+    g = torch.Generator().manual_seed(0)
+    B = 6
+    batch = {"image": torch.rand(B, 3, 16, 16, generator=g) * 2 - 1, "depth": torch.rand(B, 1, 16, 16, generator=g),
+             "label": torch.randint(0, 4, (B,), generator=g), "t": torch.randint(0, 1000, (B,), generator=g),
+             "noise": torch.randn(B, 3, 16, 16, generator=g), "label_drop": torch.tensor([1, 0, 0, 1, 1, 0]).bool()}
+    cfg = dict(dense_modality="depth", data="shapes", num_classes=4, target="eps", weighting="none")
+    seen, embed = [], UNet.embed
+    monkeypatch.setattr(UNet, "embed", lambda self, t, y=None, force_drop_ids=None:
+                        seen.append((y, force_drop_ids)) or embed(self, t, y, force_drop_ids))
+    whole = jointnet.training_loss(model, batch, SCHED, cfg, runlib.StepRandom(torch.Generator().manual_seed(1), B))
+    y, drop = seen[0]
+    dropped = (y == 4) if drop is None else drop.bool()
+    assert torch.equal(dropped, batch["label_drop"])
+    halves = [jointnet.training_loss(model, {k: v[r * 3:(r + 1) * 3] for k, v in batch.items()}, SCHED, cfg,
+                                     runlib.StepRandom(torch.Generator().manual_seed(1), B, r, 2))[1]["mse"]
+              for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), whole[1]["mse"], atol=1e-6, rtol=1e-5)
+
+
 def test_bad_input_is_a_clear_error():
     jn = JointNet(pretrained_unet(), 1)
     with pytest.raises(ValueError, match="divisible by 2"):
@@ -100,7 +135,6 @@ def test_bad_input_is_a_clear_error():
         jn(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="1..3 channels"):
         JointNet(pretrained_unet(), 4)
-    from dit import build_dit
     with pytest.raises(ValueError, match="not a DiT"):
         JointNet(build_dit("DiT-T/4", 16, 3, num_classes=0, class_dropout_prob=0.0), 1)
 
@@ -259,7 +293,6 @@ def test_joint_loss_is_eq1_with_one_t_for_both_modalities():
 
 
 def test_scale_shift_alignment_recovers_a_known_scale_and_shift():
-    import metrics
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(3, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
     s, b = torch.tensor([0.5, 2.0, -1.5], dtype=torch.float64), torch.tensor([0.3, -0.2, 0.0], dtype=torch.float64)
@@ -279,7 +312,6 @@ TINY = ["--image-size", "16", "--batch-size", "8", "--log-every", "4", "--ckpt-e
 
 
 def train_run(out, *extra):
-    import train
     return train.main([*TINY, "--out", str(out), *extra])
 
 
@@ -299,10 +331,9 @@ def ckpt_cfg(run):
 
 def base_heldout_loss(state, cfg):
     """The RGB loss of the plain pretrained UNet on the fixed held-out batch, computed by hand."""
-    import train
-    base = train.build_backbone(cfg).eval()
+    base = runlib.build_backbone(cfg).eval()
     base.load_state_dict(state)
-    b = jointnet.heldout_batch(cfg, "cpu")
+    b = jointnet.rgb_heldout_batch(cfg, "cpu")
     ab = SCHED.alpha_bar[b["t"]].float().view(-1, 1, 1, 1)
     x_t = ab.sqrt() * b["x0"] + (1 - ab).sqrt() * b["eps_x"]
     with torch.no_grad():
@@ -342,7 +373,6 @@ def test_stage1_trains_the_dense_branch_and_keeps_the_rgb_branch_bit_identical(r
 
 
 def test_heldout_data_feeds_the_logged_rgb_loss(rgb_run, tmp_path):
-    import data
     items = [data.Shapes(16, "test", seed=7)[i] for i in range(6)]
     arrays = {k: torch.stack([it[k] for it in items]).numpy() for k in ("image", "depth", "label")}
     np.savez(tmp_path / "held.npz", **arrays)
@@ -350,7 +380,7 @@ def test_heldout_data_feeds_the_logged_rgb_loss(rgb_run, tmp_path):
     assert train_run(run, "--method", "direct_extend", "--init", str(rgb_run / "checkpoint.pt"), "--steps", "1",
                      "--heldout-data", str(tmp_path / "held.npz"), "--rgb-heldout", "6") == 1
     cfg = ckpt_cfg(run)
-    assert torch.equal(jointnet.heldout_batch(cfg, "cpu")["x0"], torch.from_numpy(arrays["image"]))
+    assert torch.equal(jointnet.rgb_heldout_batch(cfg, "cpu")["x0"], torch.from_numpy(arrays["image"]))
     init = torch.load(rgb_run / "checkpoint.pt", weights_only=True)["ema"]
     assert read_log(run)[0]["rgb_heldout"] == pytest.approx(base_heldout_loss(init, cfg), rel=1e-4)
     np.savez(tmp_path / "rgb_only.npz", image=arrays["image"])
@@ -415,15 +445,13 @@ def test_unfreeze_over_a_plain_rgb_run_is_refused(rgb_run, tmp_path):
     assert not (tmp_path / "u" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("mode", jointnet.SAMPLE_MODES)
+@pytest.mark.parametrize("mode", jointnet_eval.SAMPLE_MODES)
 def test_sample_modes_write_their_files(jn_run, tmp_path, mode, capsys):
-    import sample
     out = tmp_path / mode
     sample.main(["--ckpt", str(jn_run), "--mode", mode, "--n", "2", "--steps", "2", "--out", str(out),
                  "--jn-width", "32"])
     printed = capsys.readouterr().out
     if mode == "jn-tiles":
-        from PIL import Image
         assert Image.open(f"{out}_rgb.png").size[0] >= 32 and os.path.exists(f"{out}_dense.png")
     else:
         assert os.path.exists(f"{out}.png") and os.path.exists(f"{out}.npz")

@@ -11,7 +11,7 @@ import minsnr
 from minsnr import STRATEGIES, loss_weight
 
 # -----------------------------------------------------------------------------
-# Weight table (DESIGN.md), evaluated by hand at gamma = 5, P2 with k = 1, exponent 1
+# Weight table (minsnr.loss_weight's docstring), evaluated by hand at gamma = 5, P2 with k = 1, exponent 1
 
 EXPECTED = {  # SNR -> target -> (none, const, snr, max_snr, min_snr, p2)
     0.5: {"x0": (1, 1, 0.5, 5, 0.5, 1 / 3),
@@ -49,7 +49,7 @@ def test_other_gamma_and_p2_parameters():
 
 def test_snr_and_shapes():
     ab = torch.tensor([0.0, 0.2, 0.5, 0.8, 1.0], dtype=torch.float32)
-    s = minsnr.snr(ab)
+    s = minsnr.snr_of_alpha_bar(ab)
     assert s.dtype == torch.float64
     assert torch.allclose(s[:4], torch.tensor([0.0, 0.25, 1.0, 4.0], dtype=torch.float64), rtol=1e-6)
     assert math.isinf(s[4].item())
@@ -95,7 +95,7 @@ def zero_terminal_snr():
     sched = diffusion.Schedule.make("cosine")
     alpha_bar = sched.alpha_bar.clone()
     alpha_bar[-1] = 0.0
-    return minsnr.snr(alpha_bar)
+    return minsnr.snr_of_alpha_bar(alpha_bar)
 
 
 @pytest.mark.parametrize("target", ["x0", "eps", "v"])
@@ -120,7 +120,7 @@ def test_min_snr_eps_is_one_at_low_snr():
 
 def test_clamp_leaves_standard_schedules_untouched():
     for name in ("linear", "cosine"):
-        s = minsnr.snr(diffusion.Schedule.make(name).alpha_bar)
+        s = minsnr.snr_of_alpha_bar(diffusion.Schedule.make(name).alpha_bar)
         assert minsnr.SNR_MIN < s.min() and s.max() < minsnr.SNR_MAX
         assert torch.allclose(loss_weight(s, "eps", "const"), 1 / s, rtol=1e-12)
 

@@ -1,15 +1,22 @@
 """mtdiffusion.py: Eq. 3-5 against simulation and Gaussian conditioning, the DDPM limit, the prior KL,
 heads, Algorithm 1, and a short training run per task through train.py and sample.py."""
+import copy
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import diffusion
+import methods
 import metrics
 import mtdiffusion as mt
+import mtdiffusion_eval
+import runlib
+import sample
+import train
 from diffusion import Schedule
 from dit import build_dit
 from unet import UNet
@@ -18,14 +25,18 @@ from unet import UNet
 
 def make_model(task="masked", variant="U", arch="unet", T=1000, weights="sigma", scale=1.0, head="M", size=16):
     K = 4 if task == "label" else 0
-    cfg = dict(task=task, mt_variant=variant, mt_head=head, mt_weights=weights, mt_scale=scale, in_channels=3,
-               image_size=size, num_classes=K, seg_classes=5, schedule="linear", T=T)
     c_in = 6 if variant == "X" else 3
     if arch == "dit":
         bb = build_dit("DiT-T/4", size, c_in, K, 0.1, out_channels=3)
     else:
         bb = UNet(c_in, 3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_ds=(2,), num_classes=K, class_dropout_prob=0.1)
-    return mt.MTDiffusion(bb, cfg)
+    return mt.MTDiffusion(bb, task, variant, 3, size, K, head, seg_classes=5, schedule="linear", T=T,
+                          weights=weights, scale=scale)
+
+
+def step_random(B, seed=0):
+    """A training step's draws for a batch of B, as the loop makes them (one process)."""
+    return runlib.StepRandom(torch.Generator().manual_seed(seed), B)
 
 
 def perturb(model, std=0.05, seed=0):
@@ -156,13 +167,13 @@ def test_zero_weights_sampler_and_loss_are_ddpm():
     batch = {"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "t": torch.randint(0, 1000, (4,), generator=g),
              "noise": torch.randn(4, 3, 16, 16, generator=g)}
     cfg = dict(task="masked", mt_drop=0.2, target="eps", weighting="none", mt_lambda=0.0)
-    loss, stats = mt.training_loss(model, batch, sched, cfg)
+    loss, stats = mt.training_loss(model, batch, sched, cfg, step_random(4))
     ref_loss, ref_mse = diffusion.diffusion_loss(model.backbone, sched, batch["image"], batch["t"], noise=batch["noise"])
     assert torch.allclose(loss, ref_loss) and torch.allclose(stats["mse"], ref_mse)
     # x unknown on every row (--mt-drop 1): the single-task DDPM loss whatever the task weights
     model = perturb(make_model("translate", "U", scale=1.0))
     batch["seg"] = torch.randint(0, 5, (4, 16, 16), generator=g)
-    loss, _ = mt.training_loss(model, batch, sched, {**cfg, "task": "translate", "mt_drop": 1.0})
+    loss, _ = mt.training_loss(model, batch, sched, {**cfg, "task": "translate", "mt_drop": 1.0}, step_random(4))
     ref_loss, _ = diffusion.diffusion_loss(model.backbone, sched, batch["image"], batch["t"], noise=batch["noise"])
     assert torch.allclose(loss, ref_loss)
 
@@ -226,14 +237,45 @@ def test_heads_output_shapes(arch, task, variant, head):
     if task == "label":
         codes = model.label_codes()
         assert codes.shape == (4, 3, 16, 16) and abs(codes.pow(2).mean().item() - 1) < 1e-4
-        assert codes.mean(0).abs().max() < 1e-5 and model.backbone.training is False
+        assert codes.mean(0).abs().max() < 1e-5
 
 
-def test_label_encoder_is_stop_gradient_and_keeps_train_mode():
-    model = perturb(make_model("label", "U")).train()
-    codes = model.label_codes()
-    assert not codes.requires_grad and model.backbone.training
-    assert torch.allclose(codes, model.label_codes())                     # no label dropout inside the encoder
+def test_label_codes_are_fixed_while_the_backbone_trains():
+    """Eq. 3's forward process must not change during training: the label codes E(y) are a buffer, saved
+    with the weights, that no optimiser step and no EMA update moves."""
+    model = make_model("label", "U").train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    codes = model.label_codes().clone()
+    assert "codes" in model.state_dict() and not codes.requires_grad
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = Schedule.make("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x0, y = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, 4, (8,), generator=g)
+        t, eps = torch.randint(0, 1000, (8,), generator=g), torch.randn(8, 3, 16, 16, generator=g)
+        loss = mt.mt_loss(model, sched, x0, y, t, eps, torch.zeros(8))[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        runlib.update_ema(ema, model, 0.9)
+    assert torch.equal(model.label_codes(), codes) and torch.equal(ema.label_codes(), codes)
+
+
+def test_training_loss_draws_as_one_process_on_every_rank_count():
+    """The masks and the single-task rows come from the step's generator: two ranks' halves of the batch
+    see exactly the draws of one process, so their per-sample losses match."""
+    model = perturb(make_model("masked", "X"))
+    sched = Schedule.make("linear", 1000)
+    g = torch.Generator().manual_seed(3)
+    batch = {"image": torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, "t": torch.randint(0, 1000, (6,), generator=g),
+             "noise": torch.randn(6, 3, 16, 16, generator=g)}
+    cfg = dict(task="masked", mt_drop=0.5, target="eps", weighting="none", mt_lambda=0.1)
+    whole = mt.training_loss(model, batch, sched, cfg, step_random(6))
+    halves = [mt.training_loss(model, {k: v[r * 3:(r + 1) * 3] for k, v in batch.items()}, sched, cfg,
+                               runlib.StepRandom(torch.Generator().manual_seed(0), 6, r, 2)) for r in (0, 1)]
+    assert torch.allclose(torch.cat([h[1]["mse"] for h in halves]), whole[1]["mse"], atol=1e-6)
+    # DDP averages the ranks' gradients: the mean of the ranks' losses must be the one process's loss
+    assert torch.allclose((halves[0][0] + halves[1][0]) / 2, whole[0], atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -305,8 +347,6 @@ TINY = ["--image-size", "16", "--batch-size", "8", "--log-every", "10", "--sampl
 
 @pytest.mark.parametrize("task,mode", [("masked", "mt-restore"), ("label", "mt-label"), ("translate", "mt-translate")])
 def test_short_training_run_per_task_and_its_sample_mode(task, mode, tmp_path, capsys):
-    import sample
-    import train
     out = tmp_path / "run"
     train.main(["--method", "mtdiff", "--task", task, "--steps", "30", "--out", str(out)] + TINY)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -328,19 +368,21 @@ def test_short_training_run_per_task_and_its_sample_mode(task, mode, tmp_path, c
 
 
 def test_dit_label_run_with_routing(tmp_path):
-    import train
     out = tmp_path / "dit"
     train.main(["--method", "mtdiff", "--task", "label", "--model", "DiT-T/4", "--routing", "dtr", "--steps", "3",
                 "--mt-head", "E", "--out", str(out)] + TINY)
-    model, cfg, sched = train.load_run(str(out / "checkpoint.pt"))
+    model, cfg, sched = methods.load_run(str(out / "checkpoint.pt"))
     assert cfg["mt_variant"] == "U" and all(b.route_mask is not None for b in model.routable_blocks())
+    # the label codes after 3 steps, raw and EMA, are those the model was built with at step 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(cfg["seed"])
+    assert torch.equal(ckpt["model"]["codes"], methods.build_model(cfg).codes)
+    assert torch.equal(ckpt["ema"]["codes"], ckpt["model"]["codes"])
     z, x = mt.mt_sample(model, sched, (2, 3, 16, 16), 3)
     assert x.shape == (2, 4) and torch.allclose(x.sum(1), torch.ones(2))
 
 
 def test_bad_input_is_one_clear_sentence(tmp_path, capsys):
-    import sample
-    import train
     with pytest.raises(SystemExit, match="--mt-variant U"):
         train.main(["--method", "mtdiff", "--task", "label", "--mt-variant", "X", "--steps", "1", "--out", str(tmp_path / "a")] + TINY)
     with pytest.raises(SystemExit):
@@ -351,14 +393,34 @@ def test_bad_input_is_one_clear_sentence(tmp_path, capsys):
         sample.main(["--ckpt", str(tmp_path / "c"), "--mode", "mt-restore", "--n", "2"])
 
 
+def test_sdedit_noises_its_input_to_the_step_where_sampling_starts(tmp_path, monkeypatch):
+    """mt-restore's SDEdit row: --mt-sdedit 0.5 asks for t0 = 499; a 10-step sampler starts at t = 444, so
+    the input must be noised to 444, not 499."""
+    assert mt.sdedit_start(1000, 10, 499) == 444 and mt.sdedit_start(1000, 50, 999) == 999
+    model = perturb(make_model("masked", "X"))
+    sched = Schedule.make("linear", 1000)
+    noised_to, started_at = [], []
+    q_sample_mt = mtdiffusion_eval.q_sample_mt
+    def spy(sched, at, z0, t, eps, E):
+        noised_to.append(int(t[0]))
+        return q_sample_mt(sched, at, z0, t, eps, E)
+    monkeypatch.setattr(mtdiffusion_eval, "q_sample_mt", spy)
+    def sample_fn(n, **kw):
+        if "t_start" in kw:
+            started_at.append(kw["t_start"])
+        return mt.mt_sample(model, sched, (n, 3, 16, 16), 10, **kw)
+    args = SimpleNamespace(batch=4, seed=0, steps=10, mt_sdedit=0.5, mt_patches=[5])
+    mtdiffusion_eval.restore_table(model, sched, sample_fn, torch.rand(2, 3, 16, 16) * 2 - 1, args, str(tmp_path / "r"))
+    assert noised_to == [444] and started_at == [444]
+
+
 @pytest.mark.parametrize("noised", [False, True])
 def test_classifier_baselines_see_clean_or_noised_inputs(noised, monkeypatch, tmp_path):
     # The clean baseline reads x_0 at t = 0; the matched one reads x_t at uniform t, as the label head does.
-    import train
     train.main(["--method", "mtdiff", "--task", "label", "--steps", "1", "--out", str(tmp_path)] + TINY)
     cfg = {**json.load(open(tmp_path / "config.json")), "steps": 3}
     seen = []
-    real_build = mt.build_model
+    real_build = mtdiffusion_eval.build_model
     def recording_build(cfg):
         model = real_build(cfg)
         forward = model.forward
@@ -367,8 +429,8 @@ def test_classifier_baselines_see_clean_or_noised_inputs(noised, monkeypatch, tm
             return forward(x, t, *a, **k)
         model.forward = spy
         return model
-    monkeypatch.setattr(mt, "build_model", recording_build)
-    mt.train_classifier(cfg, "cpu", noised=noised)
+    monkeypatch.setattr(mtdiffusion_eval, "build_model", recording_build)
+    mtdiffusion_eval.train_classifier(cfg, "cpu", noised=noised)
     ts = torch.cat([t for _, t in seen])
     assert len(seen) == 3 and (ts.max() > 0) == noised
     # Clean inputs stay in the data's range; noised ones reach beyond it.

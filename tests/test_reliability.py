@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import dtr
+import minsnr
+import runlib
 import sample
 import train
 
@@ -34,12 +37,20 @@ def load(path):
 
 
 def assert_same_state(a, b, exact=True):
+    """exact=False: equal up to float summation order (N ranks reduce their gradients in another order).
+    Adam turns a gradient that cancels to rounding level (a bias right before a GroupNorm, next to a
+    zero-initialised layer) into a step of about lr whose sign is that rounding, so such tensors agree only
+    to a fraction of one step: 5e-5 per element, against lr 1e-4..3e-4 here. Other draws on a rank would
+    change every tensor; the whole state must agree to 1e-5 in relative norm."""
     for part in ("model", "ema"):
         for k in a[part]:
             if exact:
                 assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
             else:
-                assert torch.allclose(a[part][k], b[part][k], atol=1e-5, rtol=1e-4), f"{part}.{k} differs"
+                assert torch.allclose(a[part][k], b[part][k], atol=5e-5, rtol=1e-4), f"{part}.{k} differs"
+        if not exact:
+            diff = sum((a[part][k].double() - b[part][k].double()).pow(2).sum() for k in a[part])
+            assert diff.sqrt() <= 1e-5 * sum(a[part][k].double().pow(2).sum() for k in a[part]).sqrt(), part
     sa, sb = a["opt"]["state"], b["opt"]["state"]
     assert sa.keys() == sb.keys()
     for i in sa:
@@ -65,15 +76,15 @@ def test_exact_resume_is_bit_identical(tmp_path, method):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
+    runlib.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
 
     def dying_save(obj, f):  # writes part of the file, then the process "dies"
         open(f, "wb").write(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})
-    assert train.load_checkpoint(path)["step"] == 1
+        runlib.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})
+    assert runlib.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no partial file left behind
 
 
@@ -94,6 +105,45 @@ def test_signals_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
     assert 2 <= ck["step"] < 100000 and ck["seen"] == ck["step"]
 
 
+def test_stale_checkpoint_temporaries_are_removed_when_a_run_starts_or_resumes(tmp_path):
+    """A kill -9 during a checkpoint write leaves checkpoint.pt.tmp.PID behind; the next start or resume
+    removes those of processes that no longer run, and keeps a live process's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        out = tmp_path / "r"
+        out.mkdir()
+        stale, live = out / f"checkpoint.pt.tmp.{dead.pid}", out / f"checkpoint.pt.tmp.{alive.pid}"
+        other = out / "notes.tmp.1"
+        for f in (stale, live, other):
+            f.write_bytes(b"partial")
+        run(out, "--steps", "1")
+        assert not stale.exists() and live.exists() and other.exists()
+        stale.write_bytes(b"partial")
+        run(out, "--resume", "--steps", "2")
+        assert not stale.exists() and live.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_non_finite_numbers_in_float_flags_are_one_sentence(tmp_path, capsys):
+    for argv in (["--lr", "nan"], ["--lr", "inf"], ["--cfg-drop", "nan"], ["--p2-k", "inf"], ["--mt-scale", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path / "r", *argv)
+        assert e.value.code == 2 and "is not a finite number" in capsys.readouterr().err
+    run(tmp_path / "s", "--steps", "1")
+    for argv in (["--eta", "nan"], ["--cfg-scale", "inf"], ["--mt-sdedit", "nan"], ["--jn-strength=-inf"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(tmp_path / "s"), *argv])
+        assert e.value.code == 2 and "is not a finite number" in capsys.readouterr().err
+    for main, argv in ((dtr.main, ["--alpha", "nan"]), (minsnr.main, ["--fresh", "--lam", "inf"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "is not a finite number" in capsys.readouterr().err
+
+
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     run(tmp_path / "r", "--steps", "4")
     npz = tmp_path / "nan.npz"
@@ -111,8 +161,8 @@ class Payload:
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     torch.save({"model": {}, "config": {}, "x": Payload()}, bad)
-    with pytest.raises(train.RunError, match="refusing to load"):
-        train.load_checkpoint(str(bad))
+    with pytest.raises(runlib.RunError, match="refusing to load"):
+        runlib.load_checkpoint(str(bad))
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(bad)])
     assert "refusing to load" in str(e.value.code)
@@ -153,10 +203,16 @@ def torchrun(*args, nproc=2):
     return r
 
 
-@pytest.mark.parametrize("method", ["ddpm", "dtr"])
+@pytest.mark.parametrize("method", ["ddpm", "dtr", "mtdiff", "jointnet"])
 def test_ddp_on_two_processes_matches_one_process(tmp_path, method):
-    run(tmp_path / "one", "--method", method, "--steps", "6")
-    torchrun("train.py", *TINY, "--method", method, "--steps", "3", "--out", str(tmp_path / "two"))
+    """Every draw of a step, the loop's and the method's own (MT-Diffusion's masks and single-task rows,
+    JointNet's dense noise and label drops), is made for the global batch: 2 ranks train as 1 process."""
+    extra = ["--method", method]
+    if method == "jointnet":
+        run(tmp_path / "rgb", "--steps", "2")
+        extra += ["--init", str(tmp_path / "rgb" / "checkpoint.pt")]
+    run(tmp_path / "one", *extra, "--steps", "6")
+    torchrun("train.py", *TINY, *extra, "--steps", "3", "--out", str(tmp_path / "two"))
     # only rank 0 writes files
     assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "config.json", "log.jsonl", "samples"]
     torchrun("train.py", "--resume", "--out", str(tmp_path / "two"), "--steps", "6")  # resume under DDP

@@ -1,0 +1,143 @@
+"""
+MT-Diffusion's sample.py modes: joint generation, restoration (Table 1, Fig. 5), label accuracy (Fig. 6)
+and translation (Table 4). The math, the model and the loss are in mtdiffusion.py.
+
+    python sample.py --ckpt runs/mt --mode mt-restore     # masked: restoration against SDEdit
+    python sample.py --ckpt runs/mtl --mode mt-label      # label: the head against a supervised classifier
+    python sample.py --ckpt runs/mtt --mode mt-translate  # translate: map from image, image from map
+    python sample.py --ckpt runs/mt --mode mt-joint       # generation from scratch (Algorithm 1)
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import data
+import metrics
+import runlib
+from diffusion import Schedule, q_sample
+from mtdiffusion import build_model, mt_sample, patch_mask, q_sample_mt, read_modality, sdedit_start, show
+
+SAMPLE_MODES = ("mt-joint", "mt-restore", "mt-label", "mt-translate")
+
+
+def add_sample_args(p):
+    p.add_argument("--mt-patches", type=int, nargs="+", default=[5, 10, 15, 20], help="mt-restore: patches per image")
+    p.add_argument("--mt-sdedit", type=runlib.finite_float, default=0.5,
+                   help="mt-restore: SDEdit starts at the first sampling step at or below this fraction of T")
+
+
+def chunked(fn, size, *xs):
+    """fn over slices of `size` rows of every x; returns each of fn's outputs concatenated."""
+    outs = [fn(*(x[i:i + size] for x in xs)) for i in range(0, len(xs[0]), size)]
+    return [torch.cat(o) for o in zip(*outs)]
+
+
+def train_classifier(cfg, device, noised=False):
+    """Fig. 6's baselines: the same backbone and label head trained by cross-entropy, with the run's steps,
+    batch, learning rate, warm-up, gradient clipping and EMA; on clean images (t = 0), or with noised=True
+    on x_t = q_sample(x_0, t) at t ~ U{0..T-1}, the timesteps the label head sees in training (the matched
+    baseline: the same inputs, no diffusion loss, no label code in z_t)."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(device).train()
+    ema = copy.deepcopy(model).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = Schedule.make(cfg["schedule"], cfg["T"]).to(device)
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    batches = runlib.ResumableBatches(len(ds), cfg["batch_size"], cfg["seed"])
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches))
+    for step in range(cfg["steps"]):
+        b = next(loader)
+        x0, y = b["image"].to(device), b["label"].to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+        if noised:
+            t = torch.randint(0, sched.T, (len(x0),), device=device)
+            x_t = q_sample(sched, x0, t, torch.randn_like(x0))                    # (B, C, H, W)
+            loss = F.cross_entropy(model(x_t, t)[1], y)
+        else:
+            loss = F.cross_entropy(read_modality(model, x0), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        runlib.update_ema(ema, model, min(cfg["ema_decay"], (2 + step) / (11 + step)))
+    return ema
+
+
+def restore_table(model, sched, sample, x0, args, out):
+    """Table 1 without LPIPS: restoration of held-out images with m patches masked, against the masked
+    input itself and an SDEdit baseline run with the same model (noised to t0, then Algorithm 1).
+    t0 is the first step of the --steps sampler at or below --mt-sdedit (T - 1): the input is noised to
+    exactly the level the sampler starts from."""
+    B, g = args.batch, torch.Generator().manual_seed(args.seed)
+    t0 = sdedit_start(sched.T, args.steps or 50, int(args.mt_sdedit * (sched.T - 1)))
+    print(f"restoration of {len(x0)} held-out images: MSE in the masked region / change in the unmasked region")
+    for m in args.mt_patches:
+        M = patch_mask(torch.full((len(x0),), m), x0.shape[-1], g).to(x0)              # (N, 1, S, S)
+        xm = x0 * (1 - M)                                                                # the masked input
+        t = torch.full((len(x0),), t0, device=x0.device)
+        z_sd = q_sample_mt(sched, model.alpha_tilde, xm, t, torch.randn(xm.shape, generator=g).to(x0), xm)
+        rows = {"clean vs masked": xm,
+                f"SDEdit from t={t0}": chunked(lambda a, z: sample(len(a), x=a, z_start=z, t_start=t0), B, xm, z_sd)[0],
+                "MT-Diffusion (Alg. 1)": chunked(lambda a: sample(len(a), x=a), B, xm)[0],
+                "MT-Diffusion + paste": chunked(lambda a, k: sample(len(a), x=a, z0=a, known=k), B, xm, 1 - M)[0]}
+        for name, r in rows.items():
+            err, chg = metrics.masked_region_mse(r, x0, M).mean().item(), metrics.unmasked_change(r, x0, M).mean().item()
+            print(f"  m={m:2d}  {name:24s} {err:.4f} / {chg:.4f}")
+        runlib.save_grid([x0[:8], xm[:8], rows["MT-Diffusion (Alg. 1)"][:8]], f"{out}_m{m}.png")
+    print(f"wrote original / masked / restored rows to {out}_m*.png")
+
+
+def label_accuracy(model, cfg, x0, y, args, device):
+    """Fig. 6: the label head's accuracy on held-out images (read_modality) against two supervised
+    classifiers of the same backbone and head trained for the same steps (train_classifier)."""
+    def acc(net):
+        return (chunked(lambda a: [read_modality(net, a)], args.batch, x0)[0].argmax(1) == y).float().mean().item()
+    ours = acc(model)
+    print(f"training the two supervised baselines for {cfg['steps']} steps each ...")
+    with torch.enable_grad():
+        noised, clean = acc(train_classifier(cfg, device, noised=True)), acc(train_classifier(cfg, device))
+    print(f"label accuracy on {len(y)} held-out images: MT-Diffusion-{cfg['mt_head']} {ours:.4f}; the same network "
+          f"trained by cross-entropy over uniform t {noised:.4f}, on clean images {clean:.4f}")
+
+
+def translate_table(model, sample, x0, seg, K, args, out):
+    """Table 4: per-pixel accuracy and class IoU of the maps read from held-out images (the head at t = 0);
+    and images generated from the given maps (Algorithm 1)."""
+    B = args.batch
+    pred = chunked(lambda a: [read_modality(model, a)], B, x0)[0].argmax(1)
+    z = chunked(lambda s: sample(len(s), x=s)[:1], B, seg)[0]                       # the image from the map
+    print(f"map from image, {len(x0)} held-out images: per-pixel accuracy {metrics.pixel_accuracy(pred, seg):.4f}, "
+          f"class IoU {metrics.mean_iou(pred, seg, K):.4f} (all background: {metrics.pixel_accuracy(torch.zeros_like(seg), seg):.4f})")
+    runlib.save_grid([show(model, seg[:8])[0], z[:8], x0[:8], show(model, pred[:8])[0]], out + ".png")
+    print(f"wrote rows map / image from the map / true image / map from the image to {out}.png")
+
+
+@torch.no_grad()
+def run_sample_mode(mode, model, sched, cfg, args, out, device):
+    need = {"mt-restore": "masked", "mt-label": "label", "mt-translate": "translate"}.get(mode, cfg["task"])
+    if cfg["task"] != need:
+        raise ValueError(f"--mode {mode} needs a run trained with --task {need}; this one has --task {cfg['task']}")
+    if min(args.mt_patches) < 0 or not 0 < args.mt_sdedit <= 1:
+        raise ValueError("--mt-patches must be >= 0 and --mt-sdedit in (0, 1]")
+    g = torch.Generator(device).manual_seed(args.seed)
+    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    def sample(n, **kw):
+        return mt_sample(model, sched, (n, *shape), args.steps or 50, args.eta, target=cfg["target"], generator=g,
+                         device=device, **kw)
+    if mode == "mt-joint":  # generation from scratch
+        z, x = chunked(lambda i: sample(len(i)), args.batch, torch.arange(args.n))
+        runlib.save_grid([z[:8], *show(model, x[:8])], out + ".png")
+        torch.save({"images": torch.from_numpy(runlib.to_uint8(z)), "modality": x.cpu()}, out + ".pt")
+        print(f"wrote {len(z)} joint samples to {out}.pt and a grid to {out}.png")
+        return
+    b = runlib.held_out_items(cfg, args.n, device)
+    if mode == "mt-restore":
+        restore_table(model, sched, sample, b["image"], args, out)
+    elif mode == "mt-label":
+        label_accuracy(model, cfg, b["image"], b["label"], args, device)
+    else:
+        translate_table(model, sample, b["image"], b["seg"], cfg["seg_classes"], args, out)

@@ -1,0 +1,234 @@
+"""
+Run helpers shared by the loop (train.py), the sampling CLI (sample.py) and the papers' own CLIs.
+
+This module sits below every other project file but data.py, diffusion.py, unet.py and dit.py: paper
+files import it, it imports no paper file, and nothing here knows about a particular method.
+
+    RunError                 a problem with the user's input, printed as one sentence without a traceback
+    ranged, finite_float     argparse types: range checks, and no nan or inf in any float flag
+    checkpoint_path          a run folder or a checkpoint file -> the checkpoint file
+    load_checkpoint          torch.load(weights_only=True), every failure one sentence
+    save_checkpoint          atomic write (temporary file + rename); remove_stale_temporaries cleans up
+                             the temporaries that killed processes left behind
+    load_run                 (model, config, schedule) from a checkpoint, the model built by a given function
+    build_backbone           the UNet or DiT of a config
+    held_out_items           the first n items of a run's held-out split
+    ResumableBatches, update_ema, StepRandom    the loop's data order, EMA and per-step random draws
+    to_uint8, save_grid, labels_for             images out
+"""
+import argparse
+import glob
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import diffusion
+from dit import build_dit
+from unet import build_unet
+
+
+class RunError(Exception):
+    """A problem with the user's input: printed as one sentence, no traceback."""
+
+
+def ranged(cast, lo=None, hi=None, lo_open=False):
+    """An argparse type: cast the string, refuse nan and inf, and values outside [lo, hi] ((lo, hi] with lo_open)."""
+    def parse(s):
+        v = cast(s)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s} is not a finite number")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            lo_s = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}"
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo_s}, {hi if hi is not None else 'inf'}]")
+        return v
+    return parse
+
+
+finite_float = ranged(float)  # for float flags without a range of their own
+
+
+def checkpoint_path(path):
+    """A run folder (holding checkpoint.pt) or a checkpoint file -> the checkpoint file."""
+    return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True, turning every failure into one clear sentence."""
+    if not os.path.isfile(path):
+        raise RunError(f"no checkpoint at {path}: train first (python train.py --out DIR) or check the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise RunError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values, "
+                           "which could run code when unpickled; only checkpoints written by train.py load") from None
+        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise RunError(f"{path} is not a checkpoint written by train.py (it lacks 'model' and 'config')")
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # an interrupted write leaves no partial file behind
+            os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete PATH.tmp.PID files whose process is gone (a kill -9 mid-write leaves one); returns their names.
+    A temporary of a live process is kept: it may be another run writing into the same folder."""
+    removed = []
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = tmp.rsplit(".", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def load_run(path, build_model, ema=True, device="cpu"):
+    """(model, config, schedule) from a checkpoint or run folder, the network made by build_model(config);
+    EMA weights by default."""
+    path = checkpoint_path(path)
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
+    except RuntimeError:  # missing, unexpected or mis-shaped weights
+        raise RunError(f"{path} holds a {cfg.get('method')} network that this tool does not build; "
+                       "pass a run of a method it supports") from None
+    return model.to(device).eval(), cfg, diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
+
+
+def build_backbone(cfg, in_channels=None, out_channels=None):
+    """The config's UNet or DiT, with label dropout --cfg-drop when it is class-conditional."""
+    c_in = in_channels or cfg["in_channels"]
+    kw = dict(num_classes=cfg["num_classes"], class_dropout_prob=cfg["cfg_drop"] if cfg["num_classes"] else 0.0)
+    if cfg["arch"] == "dit":
+        return build_dit(cfg["model"], cfg["image_size"], c_in, learn_sigma=cfg.get("learn_sigma", False),
+                         out_channels=out_channels, **kw)
+    return build_unet(cfg["model"], c_in, out_channels, **kw)
+
+
+def held_out_items(cfg, n, device=None, source=None):
+    """The first n items of the held-out split of the run's data (or of `source`), stacked into a batch."""
+    ds = data.build_dataset(source or cfg["data"], cfg["image_size"], "test", cfg["seed"])
+    return data.first_items(ds, n, device)
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Infinite batches of indices; epoch e is a permutation seeded by (seed, e). Rank r takes its slice
+    of each global batch, so one process and N ranks see the same global batches. `start` skips batches."""
+
+    def __init__(self, n, global_batch, seed, rank=0, world=1, start=0):
+        if n < global_batch:
+            raise RunError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower --batch-size")
+        self.n, self.B, self.seed, self.rank, self.world, self.start = n, global_batch, seed, rank, world, start
+
+    def __iter__(self):
+        per_epoch, b = self.n // self.B, self.B // self.world
+        k = self.start
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + k // per_epoch)
+            perm = torch.randperm(self.n, generator=g)
+            for j in range(k % per_epoch, per_epoch):
+                batch = perm[j * self.B:(j + 1) * self.B]
+                yield batch[self.rank * b:(self.rank + 1) * b].tolist()
+                k += 1
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:  # frozen weights (JointNet's base) stay bit-identical in the EMA
+            e.copy_(p)
+
+
+class StepRandom:
+    """The random draws of one training step, shared by the loop and the methods' losses.
+
+    `generator` is seeded from (seed, step) alone. Every draw is made for the GLOBAL batch of size B and
+    this rank keeps its rows `rows`, so N DDP ranks draw exactly what one process draws. A method that
+    needs per-sample randomness beyond batch["noise"], ["t"] and ["label_drop"] draws it here:
+
+        unknown = rng.rand(B) < p           # (B_global,) drawn, (B_local,) returned, on the device
+        eps_d = rng.randn(B, 1, H, W)       # the first size must be the global batch B
+    """
+
+    def __init__(self, generator, batch_size, rank=0, world=1, device="cpu"):
+        self.generator, self.batch_size, self.device = generator, batch_size, device
+        self.rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
+
+    def local(self, x):
+        """This rank's rows of a global-batch tensor, on the device."""
+        return x[self.rows].to(self.device)
+
+    def randn(self, *shape):
+        return self.local(torch.randn(shape, generator=self.generator))
+
+    def rand(self, *shape):
+        return self.local(torch.rand(shape, generator=self.generator))
+
+    def randint(self, low, high, *shape):
+        return self.local(torch.randint(low, high, shape, generator=self.generator))
+
+
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C); 1 channel stays 1, more than 3 keep the first 3."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x[:, :3].permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(rows, path, ncol=None):
+    """Save a list of (N, C, H, W) tensors in [-1, 1] as one PNG: each tensor fills whole rows of the grid."""
+    tiles = []
+    for r in rows:
+        u = to_uint8(r)
+        tiles.append(np.repeat(u, 3, axis=-1) if u.shape[-1] == 1 else u)
+    ncol = ncol or min(8, max(len(t) for t in tiles))
+    pad = 2
+    lines = []
+    for t in tiles:
+        for i in range(0, len(t), ncol):
+            chunk = list(t[i:i + ncol]) + [np.zeros_like(t[0])] * (ncol - len(t[i:i + ncol]))
+            lines.append(np.concatenate([np.pad(c, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for c in chunk], 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.concatenate(lines, 0)).save(path)
+
+
+def labels_for(args, cfg, n, offset=0):
+    """Labels of n samples for sample.py's --class (or cycling through the classes); None if unconditional."""
+    if not cfg["num_classes"]:
+        return None
+    if args.cls is None:  # cycle through the classes
+        return (torch.arange(offset, offset + n) % cfg["num_classes"]).long()
+    if not 0 <= args.cls < cfg["num_classes"]:
+        raise ValueError(f"--class {args.cls} is outside the model's classes 0..{cfg['num_classes'] - 1}")
+    return torch.full((n,), args.cls, dtype=torch.long)
