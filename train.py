@@ -310,9 +310,9 @@ def oversubscribed(cores, local_world, threads, load):
                 f"set OMP_NUM_THREADS={max(1, cores // local_world)}")
     if load + local_world * threads > cores + 0.5:
         free = max(1, int(cores - load) // local_world)
+        what = f"set OMP_NUM_THREADS={free}" if free < threads else "steps run slower until the other jobs finish"
         return (f"note: the load average {load:.1f} of other jobs plus {local_world} x {threads} torch thread(s) "
-                f"oversubscribe the {cores} CPU cores; set OMP_NUM_THREADS={free}"
-                f"{' or wait for the other jobs' if free >= threads else ''}")
+                f"oversubscribe the {cores} CPU cores; {what}")
     return None
 
 
