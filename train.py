@@ -393,9 +393,9 @@ def train(cfg):
     sched = diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
     loss_fn = method.training_loss if method is not None else default_loss
     sample_fn = method.sample_rows if method is not None else default_samples
-    objective = Objective(model, loss_fn, sched, cfg)
-    if cfg["compile"]:
-        objective = torch.compile(objective)
+    # --compile compiles the network; the method's loss around it stays eager, since a loss may run any
+    # Python (JointNet renders its held-out batch on first use) and the network holds nearly all the work.
+    objective = Objective(torch.compile(model) if cfg["compile"] else model, loss_fn, sched, cfg)
     if ddp:
         # No buffer needs syncing (GroupNorm/LayerNorm keep no running stats; routing masks are fixed).
         objective = DDP(objective, device_ids=[device] if ON_GPU else None, broadcast_buffers=False)
