@@ -5,6 +5,8 @@ The reproduction table: does each paper's claim hold at small scale, and what do
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
     python bench.py --only routing   # DTR's training cost alone (the profile's models; 12 minutes with --quick)
+    python bench.py --only compile   # torch.compile against eager training steps (compiling takes minutes on a CPU)
+    python bench.py --gpu-check      # every method with bf16 and --compile on CUDA, resumed and sampled (~5 min)
 
 Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
 rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with
@@ -895,7 +897,9 @@ def check_case(root, method, model, extra, steps, flags, init=None):
     log = read_log(out)
     losses = [rec["loss"] for rec in log]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    res.update(seconds=time.time() - t0, loss=losses[-1], img_per_s=log[-1]["img_per_s"], step=ck["step"],
+    # images/s of the first run's last log window: after compilation (the resumed run compiles again)
+    ips = next((rec["img_per_s"] for rec in log if rec["step"] == steps), log[-1]["img_per_s"])
+    res.update(seconds=time.time() - t0, loss=losses[-1], img_per_s=ips, step=ck["step"],
                ok=ck["step"] == steps + 10 and all(math.isfinite(v) for v in losses))
     if not res["ok"]:
         res["error"] = f"step {ck['step']} (expected {steps + 10}) or a non-finite logged loss: {losses}"
@@ -926,8 +930,10 @@ def gpu_check(root="runs/gpu-check", steps=50, cases=GPU_CHECK_CASES, flags=("--
     init = None
     if any(m in ("jointnet", "direct_extend") for m, *_ in cases):
         init = os.path.join(root, "rgb", "checkpoint.pt")
-        subprocess.run([sys.executable, "train.py", *common, "--model", "unet-cpu", "--steps", "20",
-                        "--out", os.path.dirname(init)], cwd=here, capture_output=True, check=True)
+        r = subprocess.run([sys.executable, "train.py", *common, "--model", "unet-cpu", "--steps", "20",
+                            "--out", os.path.dirname(init)], cwd=here, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"the RGB run that JointNet starts from failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     results = []
     with ThreadPoolExecutor(workers) as pool:
         jobs = [pool.submit(check_case, root, m, b, e, steps, common, init if m in ("jointnet", "direct_extend") else None)
@@ -953,9 +959,9 @@ def gpu_check(root="runs/gpu-check", steps=50, cases=GPU_CHECK_CASES, flags=("--
         results.append(res)
         print(f"[gpu-check] {'ok  ' if ok else 'FAIL'} {res['name']:32s} " + (
             f"loss {res['loss']:.4f}  {res['img_per_s']:8.0f} img/s  {res['seconds']:5.0f} s" if ok else
-            (r2.stderr or r2.stdout).strip().splitlines()[-1:]), flush=True)
+            " ".join((r2.stderr or r2.stdout).strip().splitlines()[-1:])), flush=True)
     else:
-        print("[gpu-check] one GPU: the 2-process torchrun run is skipped")
+        print(f"[gpu-check] {torch.cuda.device_count()} GPU(s): the 2-process torchrun run needs two and is skipped")
     failed = [r["name"] for r in results if not r["ok"]]
     print(f"[gpu-check] {len(results) - len(failed)} of {len(results)} passed in {(time.time() - t_start) / 60:.1f} min"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
