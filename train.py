@@ -113,7 +113,7 @@ def get_parser():
     a("--sample-every", type=ranged(int, 1))
     a("--sample-steps", type=ranged(int, 1), default=50, help="DDIM steps for the sample grids")
     a("--workers", type=ranged(int, 0))
-    a("--compile", action="store_true", help="torch.compile the model and its loss (needs a C++ compiler on a CPU)")
+    a("--compile", action="store_true", help="torch.compile the network; the loss stays eager (needs a C++ compiler on a CPU)")
     a("--precision", choices=["fp32", "bf16"], help="bf16: autocast the forward pass (weights, optimiser state and "
       "checkpoints stay float32); default bf16 on a GPU, fp32 on a CPU")
     a("--max-nonfinite", type=ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
