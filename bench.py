@@ -5,6 +5,8 @@ The reproduction table: does each paper's claim hold at small scale, and what do
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
     python bench.py --only routing   # DTR's training cost alone (the profile's models; 12 minutes with --quick)
+    python bench.py --only compile   # torch.compile against eager training steps (compiling takes minutes on a CPU)
+    python bench.py --gpu-check      # every method with bf16 and --compile on CUDA, resumed and sampled (~5 min)
 
 Every row of a profile trains through train.py with the same data, image size, batch, steps, learning
 rate and seeds, and is scored at several checkpoints (training resumes exactly between them) with
@@ -43,6 +45,7 @@ import datetime
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -1332,6 +1335,184 @@ def routing_only(prof, name, args, command):
     return report
 
 
+# -----------------------------------------------------------------------------
+# Compile cost: torch.compile against eager training, and the GPU check
+
+# (model, image size, batch, repeats) per profile: one training step each of eager, compiled, eager per repeat.
+COMPILE_COST = {"tiny": (("unet-cpu", 16, 4, 3),),
+                "quick": (("unet-cpu", 32, 16, 40), ("DiT-T/4", 32, 16, 40)),
+                "full": (("unet-cpu", 32, 16, 40), ("DiT-T/4", 32, 16, 40), ("unet-gpu", 64, 128, 40),
+                         ("DiT-B/2", 32, 128, 40))}
+
+
+def compile_cost(prof, name):
+    """Training step time of train.py's compiled network over the same model and weights run eagerly.
+
+    The first compiled step is timed alone: it holds the compilation. Then each repeat times one step of
+    eager (a), compiled, eager (b) in rotating order, as the DTR cost does; compiled / mean(a, b) per
+    repeat, b / a as the A/A control, medians with 95% bootstrap intervals. Break-even: the steps after
+    which the compilation has paid for itself."""
+    rows = []
+    for model_name, size, batch_size, repeats in COMPILE_COST[name]:
+        arch = "dit" if model_name.startswith("DiT") else "unet"
+        p = {**prof, "models": {arch: model_name}, "image_size": size, "batch_size": batch_size}
+        cfg, ds, _ = make_config(["--method", "ddpm", *common_flags(p, arch, 0)])
+        torch.manual_seed(0)
+        model = methods.build_model(cfg).to(DEVICE)
+        sched = diffusion.Schedule.make("linear", 1000).to(DEVICE)
+        eager = dict(model=model, cfg=cfg, opt=torch.optim.AdamW(model.parameters(), lr=1e-5),
+                     loss_fn=methods.diffusion_training_loss)
+        fast = {**eager, "model": torch.compile(model)}  # as train.py --compile: the network compiled, the loss eager
+        batch = fixed_batch(ds, batch_size)
+        first = timed_steps(fast, batch, sched, 1)  # compiles
+        for s in (eager, fast, eager, fast):  # warm-up
+            timed_steps(s, batch, sched, 1)
+        order = ("a", "compiled", "b")
+        times = {k: [] for k in order}
+        for r in range(repeats):
+            for k in rotated(order, r):
+                times[k].append(timed_steps(fast if k == "compiled" else eager, batch, sched, 1))
+        ratio = [c / ((a + b) / 2) for a, c, b in zip(times["a"], times["compiled"], times["b"])]
+        eager_s, compiled_s = statistics.median(times["a"] + times["b"]), statistics.median(times["compiled"])
+        rows.append(dict(model=model_name, image_size=size, batch=batch_size, repeats=repeats,
+                         params=sum(q.numel() for q in model.parameters()), eager_ms=1e3 * eager_s,
+                         compiled_ms=1e3 * compiled_s, compile_s=first - compiled_s,
+                         break_even_steps=(first - compiled_s) / (eager_s - compiled_s) if eager_s > compiled_s else None,
+                         compiled_ratio=median_ci(ratio), aa_ratio=median_ci([b / a for a, b in zip(times["a"], times["b"])])))
+        print(f"[bench] compile {model_name} {size}px batch {batch_size}: compiled/eager "
+              f"{rows[-1]['compiled_ratio']['median']:.3f}, compiling took {rows[-1]['compile_s']:.0f} s", flush=True)
+    return rows
+
+
+def compile_markdown(rows):
+    ci = lambda c: f"{c['median']:.3f} ({c['lo']:.3f}-{c['hi']:.3f})"
+    even = lambda r: "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:.0f}"
+    return ["", f"## Compile cost (training step time, torch.compile / eager, same model and weights, {DEVICE})", "",
+            "Medians over repeats of one step each of eager, compiled, eager (rotating order), with 95% bootstrap "
+            "intervals; below 1 the compiled step is faster. A/A: the two eager steps against each other. Break-even: "
+            "steps until the compilation time is paid back.", "",
+            "| model | image | batch | eager (ms) | compiled (ms) | compiled / eager | A/A | compiling (s) | break-even steps | repeats |",
+            "|---|---|---|---|---|---|---|---|---|---|"] + [
+        f"| {r['model']} | {r['image_size']}px | {r['batch']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
+        f"{ci(r['compiled_ratio'])} | {ci(r['aa_ratio'])} | {r['compile_s']:.0f} | "
+        f"{even(r)} | {r['repeats']} |" for r in rows]
+
+
+# The GPU check: every method, both backbones, through train.py and sample.py as a user runs them.
+GPU_CHECK_CASES = ([(m, b, []) for b in ("unet-cpu", "DiT-T/4") for m in METHODS]
+                   + [("mtdiff", b, ["--task", t]) for b in ("unet-cpu", "DiT-T/4") for t in ("masked", "label", "translate")]
+                   + [(m, "unet-cpu", []) for m in ("jointnet", "direct_extend")]
+                   + [("dtr", "unet-gpu", ["--image-size", "64", "--batch-size", "128"])])  # the default GPU run
+
+
+def check_case(root, method, model, extra, steps, flags, init=None):
+    """Train `steps` steps, resume for 10 more, sample; -> a result dict (ok, loss, img_per_s, seconds, error)."""
+    import subprocess
+    name = " ".join([method, model, *extra])
+    out = os.path.join(root, name.replace(" ", "_").replace("/", "-").replace("--", ""))
+    argv = [*flags, "--method", method, "--model", model, *extra, "--out", out]
+    if init:
+        argv += ["--init", init, "--rgb-heldout", "8"]
+    t0 = time.time()
+    res = dict(name=name, out=out, ok=False)
+    for cmd in ([sys.executable, "train.py", *argv, "--steps", str(steps)],
+                [sys.executable, "train.py", "--resume", "--out", out, "--steps", str(steps + 10)],
+                [sys.executable, "sample.py", "--ckpt", out, "--n", "8", "--steps", "5", "--out", os.path.join(out, "check")]):
+        r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+        if r.returncode:
+            lines = (r.stderr or r.stdout).strip().splitlines() or ["(no output)"]
+            return {**res, "error": f"{os.path.basename(cmd[1])} exited {r.returncode}: {lines[-1]}",
+                    "seconds": time.time() - t0}
+    log = read_log(out)
+    losses = [rec["loss"] for rec in log]
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    # images/s of the first run's last log window: after compilation (the resumed run compiles again)
+    ips = next((rec["img_per_s"] for rec in log if rec["step"] == steps), log[-1]["img_per_s"])
+    res.update(seconds=time.time() - t0, loss=losses[-1], img_per_s=ips, step=ck["step"],
+               ok=ck["step"] == steps + 10 and all(math.isfinite(v) for v in losses))
+    if not res["ok"]:
+        res["error"] = f"step {ck['step']} (expected {steps + 10}) or a non-finite logged loss: {losses}"
+    return res
+
+
+def gpu_check(root="runs/gpu-check", steps=50, cases=GPU_CHECK_CASES, flags=("--precision", "bf16", "--compile"),
+              require_cuda=True):
+    """Every method for `steps` steps with bf16 and --compile, resumed, sampled, each in its own process; the
+    loss, the images/s of the last log window (after compilation) and the time printed per case; a
+    2-process torchrun run when two GPUs are present. Returns the results; exits 1 if any failed."""
+    if require_cuda and not torch.cuda.is_available():
+        print("bench.py --gpu-check: no CUDA device on this machine; nothing to check")
+        return []
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    t_start = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    common = ["--image-size", "32", "--batch-size", "64", "--log-every", "10", "--ckpt-every", "100000",
+              "--sample-every", "100000", "--sample-steps", "5", "--warmup", "10", *flags]
+    # Compiling is mostly single-threaded host work, so cases run `workers` at a time to fit the check in
+    # minutes; the images/s of a case are then a lower bound (the GPU is shared with the other cases).
+    workers = max(1, min(6, (os.cpu_count() or 2) // 2)) if require_cuda else 1
+    print(f"[gpu-check] {hardware()}; {len(cases)} cases of {steps} steps + 10 resumed, flags {' '.join(flags)}, "
+          f"{workers} at a time", flush=True)
+    init = None
+    if any(m in ("jointnet", "direct_extend") for m, *_ in cases):
+        init = os.path.join(root, "rgb", "checkpoint.pt")
+        r = subprocess.run([sys.executable, "train.py", *common, "--model", "unet-cpu", "--steps", "20",
+                            "--out", os.path.dirname(init)], cwd=here, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"the RGB run that JointNet starts from failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    results = []
+    with ThreadPoolExecutor(workers) as pool:
+        jobs = [pool.submit(check_case, root, m, b, e, steps, common, init if m in ("jointnet", "direct_extend") else None)
+                for m, b, e in cases]
+        for job in as_completed(jobs):
+            r = job.result()
+            results.append(r)
+            print(f"[gpu-check] {'ok  ' if r['ok'] else 'FAIL'} {r['name']:32s} " + (
+                f"loss {r['loss']:.4f}  {r['img_per_s']:8.0f} img/s  {r['seconds']:5.0f} s" if r["ok"] else r["error"]),
+                flush=True)
+    if torch.cuda.device_count() >= 2:
+        out = os.path.join(root, "ddp")
+        run = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                         "train.py", *a], cwd=here, capture_output=True, text=True)
+        t0 = time.time()
+        r1 = run(*common, "--method", "dtr", "--model", "unet-cpu", "--steps", str(steps), "--out", out)
+        r2 = run("--resume", "--out", out, "--steps", str(steps + 10)) if r1.returncode == 0 else r1
+        ok = r2.returncode == 0
+        res = dict(name="torchrun 2 GPUs dtr unet-cpu", ok=ok, seconds=time.time() - t0)
+        if ok:
+            log = read_log(out)
+            res.update(loss=log[-1]["loss"], img_per_s=log[-1]["img_per_s"])
+        results.append(res)
+        print(f"[gpu-check] {'ok  ' if ok else 'FAIL'} {res['name']:32s} " + (
+            f"loss {res['loss']:.4f}  {res['img_per_s']:8.0f} img/s  {res['seconds']:5.0f} s" if ok else
+            " ".join((r2.stderr or r2.stdout).strip().splitlines()[-1:])), flush=True)
+    else:
+        print(f"[gpu-check] {torch.cuda.device_count()} GPU(s): the 2-process torchrun run needs two and is skipped")
+    failed = [r["name"] for r in results if not r["ok"]]
+    print(f"[gpu-check] {len(results) - len(failed)} of {len(results)} passed in {(time.time() - t_start) / 60:.1f} min"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed and require_cuda:
+        sys.exit(1)
+    return results
+
+
+def compile_only(prof, name, args, command):
+    t0 = time.time()
+    rows = compile_cost(prof, name)
+    report = dict(profile_name=name, command=command, date=datetime.date.today().isoformat(), hardware=hardware(),
+                  wall_s=time.time() - t0, compile_cost=rows)
+    text = "\n".join([f"# Compile cost ({name} profile)", "", f"`{command}` on {report['date']}; {report['hardware']}; "
+                      f"{report['wall_s'] / 60:.1f} min."] + compile_markdown(rows)) + "\n"
+    for path, content in ((args.json, json.dumps(report, indent=1)), (args.md, text)):
+        with open(path, "w") as f:
+            f.write(content)
+    print(text)
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -1344,7 +1525,10 @@ def main(argv=None):
     p.add_argument("--md", help="where to write the markdown tables (default: beside --json, .md)")
     p.add_argument("--cache", help="folder for the reference net (metrics.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
-    p.add_argument("--only", choices=["routing"], help="run one section: 'routing' times DTR's cost (minutes on a CPU)")
+    p.add_argument("--only", choices=["routing", "compile"], help="run one section: 'routing' times DTR's cost (minutes "
+                   "on a CPU), 'compile' times torch.compile against eager training (compiling takes minutes on a CPU)")
+    p.add_argument("--gpu-check", action="store_true", help="every method for a few steps on CUDA with bf16 and "
+                   "--compile, resumed and sampled (about 5 minutes on one GPU); without CUDA it says so and exits 0")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -1358,12 +1542,16 @@ def main(argv=None):
     args.json = args.json or {"cpu": "results/bench_cpu.json", "recipe": "results/recipe_cpu.json"}.get(name, "bench.json")
     args.md = args.md or os.path.splitext(args.json)[0] + ".md"
     try:
+        if args.gpu_check:
+            return gpu_check()
         if name == "cpu":
             return run_evidence(prof, name, args, command.strip())
         if name == "recipe":
             return recipe_study(prof, name, args, command.strip())
         if args.only == "routing":
             return routing_only(prof, name, args, command.strip())
+        if args.only == "compile":
+            return compile_only(prof, name, args, command.strip())
         report = run(prof, name, args.runs or os.path.join("runs", f"bench-{name}"), args.cache, command.strip())
     except (RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -24,6 +24,19 @@ import methods
 from runlib import RunError, checkpoint_path, finite_float, labels_for, save_grid, to_uint8
 
 
+def autocast_forward(model, device_type):
+    """model.forward under bf16 autocast, handing float32 back: the network runs at bf16 speed while the
+    samplers' and metrics' math stays float32. Weights are untouched (checkpoints hold float32)."""
+    forward = model.forward
+
+    def bf16_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+    model.forward = bf16_forward
+    return model
+
+
 @torch.no_grad()
 def generate(model, sched, cfg, args, n, offset, generator, device):
     """n samples in chunks of --batch; returns (images in [-1, 1], labels or None)."""
@@ -58,6 +71,8 @@ def get_parser():
     a("--class", dest="cls", type=int, help="class label for every sample (default: cycle through classes)")
     a("--seed", type=int, default=0)
     a("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    a("--precision", choices=["fp32", "bf16"], help="bf16: the network's forward under bf16 autocast (any checkpoint; "
+      "weights stay float32); default bf16 on a GPU, fp32 on a CPU")
     a("--progress", action="store_true", help="show a progress bar per batch")
     methods.add_sample_args(p)
     a("--mode", choices=["generate", *methods.sample_modes()], default="generate",
@@ -78,6 +93,8 @@ def main(argv=None):
     path = checkpoint_path(args.ckpt)
     try:
         model, cfg, sched = methods.load_run(path, ema=not args.raw, device=device)
+        if (args.precision or ("bf16" if device.startswith("cuda") else "fp32")) == "bf16":
+            autocast_forward(model, device.split(":")[0])
         if args.steps is not None and not 1 <= args.steps <= cfg["T"]:
             raise ValueError(f"--steps must be in [1, {cfg['T']}], got {args.steps}")
         if args.cfg_scale != 1 and not cfg["num_classes"]:  # guidance mixes conditional and unconditional outputs

@@ -47,9 +47,9 @@ from unet import UNET_PRESETS
 ARCH_KEYS = ("method", "arch", "model", "image_size", "in_channels", "num_classes", "learn_sigma")
 ON_GPU = torch.cuda.is_available()
 CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=16, steps=2000, lr=3e-4, ema_decay=0.999,
-                    ckpt_every=500, sample_every=1000, log_every=50, workers=0)
+                    ckpt_every=500, sample_every=1000, log_every=50, workers=0, precision="fp32")
 GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_000, lr=1e-4, ema_decay=0.9999,
-                    ckpt_every=5000, sample_every=5000, log_every=100, workers=4)
+                    ckpt_every=5000, sample_every=5000, log_every=100, workers=4, precision="bf16")
 DIT_DEFAULT = "DiT-S/2" if ON_GPU else "DiT-T/4"  # --arch dit without --model: 33M (GPU), 4.2M (CPU)
 
 
@@ -92,7 +92,9 @@ def get_parser():
     a("--sample-every", type=ranged(int, 1))
     a("--sample-steps", type=ranged(int, 1), default=50, help="DDIM steps for the sample grids")
     a("--workers", type=ranged(int, 0))
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the network; the loss stays eager (needs a C++ compiler on a CPU)")
+    a("--precision", choices=["fp32", "bf16"], help="bf16: autocast the forward pass (weights, optimiser state and "
+      "checkpoints stay float32); default bf16 on a GPU, fp32 on a CPU")
     a("--max-nonfinite", type=ranged(int, 1), default=10, help="stop after this many non-finite losses in a row")
     methods.add_args(p)
     return p
@@ -167,6 +169,53 @@ class Objective(torch.nn.Module):
         return self.loss_fn(self.model, batch, self.sched, self.cfg, rng)
 
 
+def cpu_threads(cores, local_world, omp_num_threads=None):
+    """Torch threads for each of local_world processes sharing `cores` CPU cores: OMP_NUM_THREADS when the
+    user set it, else an equal share. torch's default, every core in every process, oversubscribes the
+    cores local_world times over, and a step then runs many times slower than with its share."""
+    if omp_num_threads:
+        return max(1, int(omp_num_threads))
+    return max(1, cores // max(1, local_world))
+
+
+def oversubscribed(cores, local_world, threads, load):
+    """One line saying that the cores are oversubscribed and what to set, or None when they are not.
+    load: the 1-minute load average before training starts (other jobs on the machine)."""
+    if local_world * threads > cores:
+        return (f"note: {local_world} process(es) x {threads} torch thread(s) oversubscribe the {cores} CPU cores; "
+                f"set OMP_NUM_THREADS={max(1, cores // local_world)}")
+    if load + local_world * threads > cores + 0.5:
+        free = max(1, int(cores - load) // local_world)
+        what = f"set OMP_NUM_THREADS={free}" if free < threads else "steps run slower until the other jobs finish"
+        return (f"note: the load average {load:.1f} of other jobs plus {local_world} x {threads} torch thread(s) "
+                f"oversubscribe the {cores} CPU cores; {what}")
+    return None
+
+
+def user_omp_threads():
+    """OMP_NUM_THREADS as the user set it, or None. torchrun sets it to 1 for its workers when the user did
+    not; its own starting environment, which that assignment does not change, tells the two apart."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value and "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+                if not any(e.startswith(b"OMP_NUM_THREADS=") for e in f.read().split(b"\0")):
+                    return None
+        except OSError:  # not Linux: trust the variable
+            pass
+    return value
+
+
+def set_cpu_threads(ddp, master):
+    """Under torchrun on a CPU, each process takes its share of the cores; warn once when they are oversubscribed."""
+    cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ddp:
+        torch.set_num_threads(cpu_threads(cores, local_world, user_omp_threads()))
+    note = oversubscribed(cores, local_world, torch.get_num_threads(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    if note and master:
+        print(note)
+
+
 def train(cfg):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -175,6 +224,8 @@ def train(cfg):
         if ON_GPU:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if ON_GPU else "gloo")
+    if not ON_GPU:
+        set_cpu_threads(ddp, int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if cfg["batch_size"] % world:
         raise RunError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} processes; use a multiple of {world}")
     master = rank == 0
@@ -186,6 +237,7 @@ def train(cfg):
         # Continue the saved experiment; flags given now override it (checked below for shape changes).
         cfg = {**resume["config"], **{k: cfg[k] for k in cfg["explicit"]}, "resume": cfg["resume"], "out": out}
         cfg["arch"] = "dit" if cfg["model"].startswith("DiT") else "unet"
+        cfg.setdefault("precision", (GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS)["precision"])  # older checkpoints
     elif os.path.exists(ckpt_path):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if master:  # a kill -9 during a checkpoint write leaves checkpoint.pt.tmp.PID behind
@@ -221,13 +273,16 @@ def train(cfg):
         step, seen = resume["step"], resume["seen"]
     sched = diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
     loss_fn, sample_fn, log_fn = hook("training_loss"), hook("sample_rows"), hook("log_values")
-    objective = Objective(model, loss_fn, sched, cfg)
-    if cfg["compile"]:
-        objective = torch.compile(objective)
+    # --compile compiles the network; the method's loss around it stays eager, since a loss may run any
+    # Python (JointNet renders its held-out batch on first use) and the network holds nearly all the work.
+    objective = Objective(torch.compile(model) if cfg["compile"] else model, loss_fn, sched, cfg)
     if ddp:
         # No buffer needs syncing (GroupNorm/LayerNorm keep no running stats; routing masks are fixed).
         objective = DDP(objective, device_ids=[device] if ON_GPU else None, broadcast_buffers=False)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else contextlib.nullcontext()
+    # bf16 autocast, the same on a GPU and a CPU: matmuls and convolutions run in bf16, weights, gradients,
+    # optimiser state and checkpoints stay float32, and bf16's float32 exponent range needs no GradScaler.
+    amp = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if cfg["precision"] == "bf16"
+           else contextlib.nullcontext())
 
     sampler = runlib.ResumableBatches(len(dataset), cfg["batch_size"], cfg["seed"], rank, world, start=seen)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["workers"],
@@ -256,12 +311,21 @@ def train(cfg):
     def sample_grid():
         if master:
             g = torch.Generator(device).manual_seed(cfg["seed"])
-            rows = sample_fn(ema, sched, cfg, 16, g, device)
+            with amp:
+                rows = sample_fn(ema, sched, cfg, 16, g, device)
             runlib.save_grid(rows, os.path.join(out, "samples", f"step_{step:07d}.png"))
 
     bar = tqdm(total=cfg["steps"], initial=step, disable=not master, dynamic_ncols=True)
-    window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
-    extra = {}
+
+    def to_device(x):  # a pinned source copies without waiting for the GPU's queue (a pageable one syncs)
+        return x.pin_memory().to(device, non_blocking=True) if ON_GPU else x.to(device)
+
+    # The log window's running sums stay on the device and are read at log steps only, so bookkeeping
+    # never makes the loop wait for the GPU. float64 sums equal the Python float sums they replace.
+    def new_window():
+        return {"loss": torch.zeros((), dtype=torch.float64, device=device), "n": 0, "t0": time.time(), "images": 0,
+                "bins": torch.zeros(2, 10, device=device), "extra": {}}
+    window = new_window()
     logged = None  # the log_values hook's numbers for the current window, measured at its start
     nonfinite = 0
     B = cfg["batch_size"]
@@ -274,25 +338,31 @@ def train(cfg):
         rng = runlib.StepRandom(g, B, rank, world, device)  # the method's own draws continue from g
         x_shape = (B, *batch["image"].shape[1:])
         sl = slice(rank * (B // world), (rank + 1) * (B // world))
-        batch["t"] = diffusion.sample_timesteps(B, cfg["T"], generator=g)[sl].to(device)
-        batch["noise"] = torch.randn(x_shape, generator=g)[sl].to(device)
+        batch["t"] = to_device(diffusion.sample_timesteps(B, cfg["T"], generator=g)[sl])
+        batch["noise"] = to_device(torch.randn(x_shape, generator=g)[sl])
         # Label dropout is drawn here, globally, so that one process and N DDP ranks drop the same labels.
-        batch["label_drop"] = (torch.rand(B, generator=g) < cfg["cfg_drop"])[sl].to(device)
+        batch["label_drop"] = to_device((torch.rand(B, generator=g) < cfg["cfg_drop"])[sl])
         lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
         for group in opt.param_groups:
             group["lr"] = lr
+        if log_fn is not None and master and logged is None:
+            logged = log_fn(model, sched, cfg)
         with amp:
-            if log_fn is not None and master and logged is None:
-                logged = log_fn(model, sched, cfg)
             loss, stats = objective(batch, rng)
-        flags = torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)], device=device)
+        opt.zero_grad(set_to_none=True)
+        # Backward is queued before the finiteness check below reads the loss: the GPU works through it
+        # while the host waits, so the one sync of the step costs no GPU time. A non-finite loss gives
+        # non-finite gradients, which are dropped unused.
+        loss.backward()
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop["signal"] is not None))])
         if ddp:  # every rank must skip, or stop, together
             dist.all_reduce(flags)
-        if flags[1] > 0:
+        skip, halt = flags.tolist()
+        if halt > 0:
             stop["signal"] = stop["signal"] or "a signal on another rank"
             seen -= 1  # this batch was not trained on: a resumed run takes it again
             break
-        if flags[0] > 0:
+        if skip > 0:
             nonfinite += 1
             opt.zero_grad(set_to_none=True)
             if nonfinite >= cfg["max_nonfinite"]:
@@ -300,33 +370,31 @@ def train(cfg):
                                f"the last good checkpoint in {out} is kept; lower --lr or check the data")
             continue  # the batch is consumed but the step is not applied
         nonfinite = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         step += 1
         runlib.update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
 
-        window["loss"] += loss.item(); window["n"] += 1; window["images"] += B
-        bins = (batch["t"].cpu() * 10 // cfg["T"]).long()
-        window["bins"][0].index_add_(0, bins, stats["mse"].detach().float().cpu())
+        window["loss"] += loss.detach().double(); window["n"] += 1; window["images"] += B
+        bins = batch["t"] * 10 // cfg["T"]                                         # (B,) timestep decile
+        window["bins"][0].index_add_(0, bins, stats["mse"].detach().float())
         window["bins"][1].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float))
         for k, v in stats.items():
             if k != "mse":
-                extra[k] = extra.get(k, 0.0) + float(v)
+                window["extra"][k] = window["extra"].get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device)
         if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            s, c = window["bins"].cpu()  # the window's one read of the device
             dt = time.time() - window["t0"]
-            s, c = window["bins"]
-            rec = {"step": step, "loss": window["loss"] / window["n"], "lr": lr, "img_per_s": window["images"] / dt,
+            rec = {"step": step, "loss": (window["loss"] / window["n"]).item(), "lr": lr,
+                   "img_per_s": window["images"] / dt,
                    "loss_bins": [None if c[i] == 0 else (s[i] / c[i]).item() for i in range(10)],
-                   **{k: v / window["n"] for k, v in extra.items()}, **(logged or {})}
+                   **{k: (v / window["n"]).item() for k, v in window["extra"].items()}, **(logged or {})}
             if master:
                 with open(os.path.join(out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-            window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2, 10), "t0": time.time(), "images": 0}
-            extra, logged = {}, None
+            window, logged = new_window(), None
         bar.update(1)
         if step % cfg["ckpt_every"] == 0:
             checkpoint()
