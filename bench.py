@@ -1,7 +1,9 @@
 """
-The reproduction table: does each paper's claim hold at small scale, and what does each method cost?
+The evidence: does each paper's claim hold at small scale, and what does each method cost?
 
-    python bench.py --quick      # about 30 minutes on 2 CPU cores: 16px, 400 steps, one seed
+    python bench.py --recipe     # which shared settings make the plain ddpm baseline learn fastest on a CPU
+    python bench.py --cpu        # the evidence profile: every row x 3 seeds, paired verdicts; resumable
+    python bench.py --quick      # a smoke of every row (16px, 400 steps, one seed): checks, not evidence
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
     python bench.py --only routing   # DTR's training cost alone (the profile's models; 12 minutes with --quick)
@@ -33,6 +35,14 @@ Rows and the claims they test:
                 control of the timing
                 (`python bench.py --only routing` runs this section alone)
 Writes bench.json (every number) and bench.md (the tables and a verdict per claim with its seed count).
+
+--cpu and --recipe store every finished unit (row, seed, checkpoint) in results/bench_cpu.json or
+results/recipe_cpu.json at once; running the same command again continues where it stopped (Ctrl-C,
+SIGTERM or a lost machine), and writes the .md beside it. Every --cpu row uses the recipe the study
+chose, unchanged; each claim compares two rows seed by seed (same seeds, same evaluation noise): the
+mean paired difference with a 95% bootstrap interval over seeds and a verdict, holds / contradicted /
+unresolved (the interval spans zero). Scores: FD, generated-class accuracy (ceiling: the reference CNN
+on held-out real images, floor: chance) and colour statistics, each beside its real-data value.
 
 Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
 ImageNet and days; FD in a reference CNN's features; restoration by MSE, not LPIPS. A claim that does
@@ -834,14 +844,16 @@ def saved_step(out):
     return runlib.load_checkpoint(path)["step"] if os.path.isfile(path) else None
 
 
-def train_row_resumable(prof, store, root, spec, seed, score, extra=()):
+def train_row_resumable(prof, store, root, spec, seed, score, extra=(), need_checkpoint=False):
     """Train one row with one seed to each checkpoint in turn and store score(checkpoint path, step) for
     each; finished checkpoints are skipped. A run that stops on non-finite losses is stored as diverged.
+    need_checkpoint: retrain a finished row whose final checkpoint is gone (its scores are kept).
     Returns {step: score} for every checkpoint reached."""
     name, cks = spec["name"], prof["checkpoints"]
-    out = os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
+    out = run_dir(root, name, seed)
     keys = {c: unit_key(name, seed, c) for c in cks}
-    if all(store.get(k) is not None for k in keys.values()) or any((store.get(k) or {}).get("diverged") for k in keys.values()):
+    if any((store.get(k) or {}).get("diverged") for k in keys.values()) or (
+            all(store.get(k) is not None for k in keys.values()) and not (need_checkpoint and saved_step(out) != cks[-1])):
         return {c: store.get(k) for c, k in keys.items() if store.get(k) is not None}
     flags = ["--method", spec["method"], *spec.get("flags", ()), *common_flags(prof, spec["arch"], seed), *extra]
     at = saved_step(out)
@@ -896,7 +908,9 @@ def verdict(ci, sign):
 def evidence_specs(prof):
     """The rows of an evidence profile. Rows whose training is identical share one run (run_key), e.g.
     eps-prediction with SNR weighting is weight 1 on the eps loss, i.e. the ddpm row."""
-    specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m) for a in prof["arches"] for m in prof["methods"]]
+    per_arch = prof.get("arch_methods", {})  # a profile may run fewer methods on one backbone
+    specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m)
+             for a in prof["arches"] for m in per_arch.get(a, prof["methods"])]
     for t in prof["targets"]:
         for w in prof["weightings"]:
             gamma = prof["max_snr_gamma"] if w == "max_snr" else prof["min_snr_gamma"]
@@ -926,44 +940,69 @@ def stored(store, key, compute):
     return store.get(key)
 
 
+MT_MASKED = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method="mtdiff",
+                 flags=["--task", "masked", "--class-cond", "0"])
+MT_LABEL = dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", flags=["--task", "label"])
+JOINT = [dict(group="jointnet", name=f"unet/{m}", arch="unet", method=m) for m in ("jointnet", "direct_extend")]
+
+
+def run_dir(root, name, seed):
+    return os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
+
+
 def evidence_rows(prof, store, scorer, root):
-    """Train and score every row and seed (skipping stored units); the extra evaluations of MT-Diffusion and
-    JointNet at the final checkpoint. Returns {row name: {seed: {step: scores, plus extras}}}."""
-    res, last = {}, prof["checkpoints"][-1]
-    specs = evidence_specs(prof)
+    """Train and score every row and seed, skipping stored units, and the extra evaluations of MT-Diffusion
+    and JointNet at the final checkpoint. A run whose checkpoint a pending evaluation needs (the ddpm base
+    of restoration and JointNet, the MT-Diffusion runs) is retrained when its folder is gone."""
+    last = prof["checkpoints"][-1]
+    ckpt = lambda name, seed: os.path.join(run_dir(root, name, seed), "checkpoint.pt")
     for seed in prof["seeds"]:
-        for spec in specs:
+        score = checkpoint_scorer(prof, scorer, seed)
+        pending = [unit_key(MT_MASKED["name"], seed, "restoration"), unit_key(MT_LABEL["name"], seed, "labels")] + \
+                  [unit_key(j["name"], seed, k) for j in JOINT for k in [*prof["checkpoints"], "extras"]]
+        needs_base = any(store.get(k) is None for k in pending)
+        for spec in evidence_specs(prof):
             if "shared_with" not in spec:
-                res.setdefault(spec["name"], {})[seed] = train_row_resumable(
-                    prof, store, root, spec, seed, checkpoint_scorer(prof, scorer, seed))
-        for spec in specs:
-            if "shared_with" in spec:
-                res.setdefault(spec["name"], {})[seed] = res[spec["shared_with"]][seed]
-        base = os.path.join(root, f"unet_ddpm-seed{seed}", "checkpoint.pt")
-        # MT-Diffusion: masked-image training and the label head (Sec. 4.1-4.2)
-        mt = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method="mtdiff",
-                  flags=["--task", "masked", "--class-cond", "0"])
-        res.setdefault(mt["name"], {})[seed] = train_row_resumable(prof, store, root, mt, seed, checkpoint_scorer(prof, scorer, seed))
-        res[mt["name"]][seed]["restoration"] = stored(store, unit_key(mt["name"], seed, "restoration"), lambda: restoration(
-            prof, scorer, os.path.join(root, f"unet_mtdiff-masked-seed{seed}", "checkpoint.pt"), base, seed))
-        lab = dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", flags=["--task", "label"])
-        train_row_resumable({**prof, "checkpoints": (last,)}, store, root, lab, seed, lambda p, s: {"trained": True})
-        res[lab["name"]] = res.get(lab["name"], {})
-        res[lab["name"]][seed] = {"labels": stored(store, unit_key(lab["name"], seed, "labels"), lambda: label_accuracy(
-            prof, os.path.join(root, f"unet_mtdiff-label-seed{seed}", "checkpoint.pt")))}
+                train_row_resumable(prof, store, root, spec, seed, score,
+                                    need_checkpoint=needs_base and spec["name"] == "unet/ddpm")
+        # MT-Diffusion: masked-image training (Sec. 4.1) and the label head (Sec. 4.2)
+        key = unit_key(MT_MASKED["name"], seed, "restoration")
+        train_row_resumable(prof, store, root, MT_MASKED, seed, score, need_checkpoint=store.get(key) is None)
+        stored(store, key, lambda: restoration(prof, scorer, ckpt(MT_MASKED["name"], seed), ckpt("unet/ddpm", seed), seed))
+        key = unit_key(MT_LABEL["name"], seed, "labels")
+        train_row_resumable({**prof, "checkpoints": (last,)}, store, root, MT_LABEL, seed, lambda p, s: {"trained": True},
+                            need_checkpoint=store.get(key) is None)
+        stored(store, key, lambda: label_accuracy(prof, ckpt(MT_LABEL["name"], seed)))
         # JointNet and Direct Extend from this seed's ddpm run (Sec. 3, Fig. 8)
-        for method in ("jointnet", "direct_extend"):
-            spec = dict(group="jointnet", name=f"unet/{method}", arch="unet", method=method)
-            extra = ["--init", base, "--rgb-heldout", str(prof["rgb_heldout"])]
-            r = train_row_resumable(prof, store, root, spec, seed, checkpoint_scorer(prof, scorer, seed), extra)
-            out = os.path.join(root, f"unet_{method}-seed{seed}")
+        for spec in JOINT:
+            key = unit_key(spec["name"], seed, "extras")
+            extra = ["--init", ckpt("unet/ddpm", seed), "--rgb-heldout", str(prof["rgb_heldout"])]
+            train_row_resumable(prof, store, root, spec, seed, score, extra, need_checkpoint=store.get(key) is None)
+            out = run_dir(root, spec["name"], seed)
             def extras():
                 held = [x["rgb_heldout"] for x in read_log(out) if x.get("rgb_heldout") is not None]
                 return {"rgb_heldout": {"first": held[0], "last": held[-1]},
                         "depth": rgb_to_depth(prof, os.path.join(out, "checkpoint.pt"), seed)}
-            r.update(stored(store, unit_key(spec["name"], seed, "extras"), extras))
-            res.setdefault(spec["name"], {})[seed] = r
-    return res, specs
+            stored(store, key, extras)
+
+
+def rows_from_store(prof, store):
+    """{row name: {seed: {step: scores, plus the row's extras}}} of every stored unit; rows that share a run
+    read its units."""
+    rows = {}
+    specs = evidence_specs(prof) + [MT_MASKED, MT_LABEL, *JOINT]
+    for seed in prof["seeds"]:
+        for spec in specs:
+            src = spec.get("shared_with", spec["name"])
+            r = {c: store.get(unit_key(src, seed, c)) for c in prof["checkpoints"] if store.get(unit_key(src, seed, c))}
+            if spec is MT_LABEL:
+                r = {"labels": store.get(unit_key(src, seed, "labels"))} if store.get(unit_key(src, seed, "labels")) else {}
+            if store.get(unit_key(src, seed, "restoration")):
+                r["restoration"] = store.get(unit_key(src, seed, "restoration"))
+            r.update(store.get(unit_key(src, seed, "extras")) or {})
+            if r:
+                rows.setdefault(spec["name"], {})[seed] = r
+    return rows, [s["name"] for s in specs]
 
 
 def final(rows, name, metric, step):
@@ -996,15 +1035,18 @@ def steps_to_reach(curve, target):
     return None
 
 
-def evidence_claims(prof, rows):
+def evidence_claims(prof, rows, names):
     """Each claim as a paired comparison over seeds: the mean difference a - b with its 95% bootstrap
-    interval and a verdict (holds / contradicted / unresolved)."""
+    interval and a verdict (holds / contradicted / unresolved). names: the rows of this profile (a claim
+    about rows it does not run is left out; one whose rows have fewer than 2 seeds stored says so)."""
     cks, last = prof["checkpoints"], prof["checkpoints"][-1]
     out = []
-    def add(claim, source, what, a, b, sign, va, vb):
+    def add(claim, source, what, a, b, sign, va, vb, needs=None):
+        if any(n not in names for n in needs or (a, b)):
+            return
         seeds = [s for s in va if va[s] is not None and vb.get(s) is not None]
         if len(seeds) < 2:
-            out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, verdict="not enough seeds", n=len(seeds)))
+            out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, verdict="not enough seeds yet", n=len(seeds)))
             return
         ci = paired([va[s] for s in seeds], [vb[s] for s in seeds])
         out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, verdict=verdict(ci, sign),
@@ -1038,16 +1080,17 @@ def evidence_claims(prof, rows):
                 for s, r in rest.items()}
         base = {s: min(v["masked_mse"] for k, v in r["restoration"].items() if k.startswith("ddpm")) for s, r in rest.items()}
         add("masked-image training restores better than SDEdit / replacement", "MT-Diffusion Table 1", "masked-region MSE",
-            "MT-Diffusion (better of Alg. 1 and + paste)", "ddpm (better of SDEdit and replacement)", -1, ours, base)
+            "MT-Diffusion (better of Alg. 1 and + paste)", "ddpm (better of SDEdit and replacement)", -1, ours, base,
+            needs=("unet/mtdiff-masked",))
     labs = {s: r["labels"] for s, r in rows.get("unet/mtdiff-label", {}).items()}
     if labs:
         head = {s: v["mt_head"] for s, v in labs.items()}
         add("the label head beats the same network trained by cross-entropy over uniform t", "MT-Diffusion Fig. 6",
             "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, uniform t", +1, head,
-            {s: v["supervised_noisy"] for s, v in labs.items()})
+            {s: v["supervised_noisy"] for s, v in labs.items()}, needs=("unet/mtdiff-label",))
         add("the label head beats a classifier trained on clean images", "MT-Diffusion Fig. 6",
             "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, clean images", +1, head,
-            {s: v["supervised"] for s, v in labs.items()})
+            {s: v["supervised"] for s, v in labs.items()}, needs=("unet/mtdiff-label",))
     jn, de = rows.get("unet/jointnet", {}), rows.get("unet/direct_extend", {})
     if jn and de:
         rise = lambda rs: {s: r["rgb_heldout"]["last"] / r["rgb_heldout"]["first"] - 1 for s, r in rs.items()}
@@ -1098,7 +1141,8 @@ def evidence_markdown(report):
     b = report["baseline"]
     lines = [f"# Evidence ({report['profile_name']} profile)", "",
              f"`{report['command']}`; {report['hardware']}; this invocation {report['wall_s'] / 60:.1f} min "
-             f"({report['units']} units stored in all).", "",
+             f"({report['units']} units stored in all)." + (" **Partial: stopped before the end; the same command "
+                                                            "continues it.**" if report["stopped"] else ""), "",
              f"Every row trains with the same recipe: {p['image_size']}px shapes, {p['models']['unet']} / {p['models']['dit']}, "
              f"batch {p['batch_size']}, lr {p['lr']} (warm-up {p['warmup']}), gradient clipping {p.get('grad_clip', 1.0)}, "
              f"EMA {p.get('ema_decay', 0.999)}, {p.get('schedule', 'linear')} schedule, checkpoints at {list(cks)} steps, "
@@ -1167,25 +1211,30 @@ def evidence_markdown(report):
 
 
 def run_evidence(prof, name, args, command):
-    """The evidence profile end to end; resumable. Writes args.json (every unit) and args.md (the tables)."""
+    """The evidence profile end to end; resumable. Writes args.json (every unit, as it finishes) and args.md
+    (the tables of whatever is stored, also when stopped early)."""
     t0 = time.time()
-    settings = {k: v for k, v in prof.items() if k not in ("seeds",)}
-    store = Store(args.json, json.loads(json.dumps(settings)))
+    store = Store(args.json, json.loads(json.dumps({k: v for k, v in prof.items() if k != "seeds"})))
     root = args.runs or os.path.join("runs", f"bench-{name}")
     os.makedirs(root, exist_ok=True)
     scorer = Scorer(prof, args.cache)
+    stopped = False
     try:
-        rows, _ = evidence_rows(prof, store, scorer, root)
+        evidence_rows(prof, store, scorer, root)
     except KeyboardInterrupt:
-        sys.exit(f"stopped; {len(store.doc['units'])} finished units are in {args.json}: run the same command to continue")
+        stopped = True
+    rows, names = rows_from_store(prof, store)
     report = dict(profile_name=name, profile=prof, command=command, hardware=hardware(), wall_s=time.time() - t0,
-                  units=len(store.doc["units"]), floor=scorer.floor, rows=rows,
-                  baseline=baseline_check(prof, rows, scorer), claims=evidence_claims(prof, rows),
+                  units=len(store.doc["units"]), stopped=stopped, floor=scorer.floor, rows=rows,
+                  baseline=baseline_check(prof, rows, scorer), claims=evidence_claims(prof, rows, names),
                   time_to_target=time_to_target(prof, rows))
     text = evidence_markdown(report)
     with open(args.md, "w") as f:
         f.write(text)
     print(text)
+    if stopped:
+        sys.exit(f"stopped; {report['units']} finished units are in {args.json} and their tables in {args.md}: "
+                 "run the same command to continue")
     return report
 
 

@@ -1,7 +1,8 @@
 """
 The one training loop: every method in this repository trains through it.
 
-    python train.py                                   # DDPM on the built-in shapes data (CPU: ~10 min)
+    python train.py                                   # Min-SNR-5 v-prediction on the built-in shapes data (CPU: ~6 min)
+    python train.py --method ddpm                     # the eps-prediction DDPM baseline the papers compare against
     python train.py --method dtr --out runs/dtr       # Denoising Task Routing (dtr.py)
     python train.py --method minsnr --target v        # Min-SNR-5 weighting for v-prediction (minsnr.py)
     python train.py --method dtr --weighting min_snr  # DTR + Min-SNR, the DTR paper's Table 2 combination
@@ -56,7 +57,8 @@ DIT_DEFAULT = "DiT-S/2" if ON_GPU else "DiT-T/4"  # --arch dit without --model: 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--method", default="ddpm", choices=list(methods.METHODS), help="a preset of methods.py's registry")
+    a("--method", default="minsnr_v", choices=list(methods.METHODS), help="a preset of methods.py's registry; "
+      "default minsnr_v (Min-SNR-5, v-prediction); ddpm is the eps-prediction baseline the papers compare against")
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
     a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU "
       f"({DIT_DEFAULT} with --arch dit)")

@@ -343,7 +343,7 @@ def base_heldout_loss(state, cfg):
 @pytest.fixture(scope="module")
 def rgb_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("rgb")
-    assert train_run(out, "--steps", "3", "--lr", "1e-3") == 3
+    assert train_run(out, "--method", "ddpm", "--steps", "3", "--lr", "1e-3") == 3  # an eps-prediction RGB model
     return out
 
 

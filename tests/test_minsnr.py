@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import diffusion
 import minsnr
+import train
 from minsnr import STRATEGIES, loss_weight
 
 # -----------------------------------------------------------------------------
@@ -381,9 +382,8 @@ def test_cli_fresh_prints_the_tables(monkeypatch, capsys):
 
 
 def test_cli_converts_a_runs_output_to_another_target(tmp_path, capsys):
-    import train
-    train.main(["--image-size", "16", "--batch-size", "4", "--steps", "1", "--sample-every", "1000",
-                "--sample-steps", "1", "--out", str(tmp_path / "eps")])
+    train.main(["--method", "ddpm", "--image-size", "16", "--batch-size", "4", "--steps", "1", "--sample-every",
+                "1000", "--sample-steps", "1", "--out", str(tmp_path / "eps")])
     capsys.readouterr()
     argv = ["--ckpt", str(tmp_path / "eps"), "--bins", "2", "--batch-size", "2", "--params", "out."]
     minsnr.main(argv + ["--target", "x0"])

@@ -39,7 +39,9 @@ def test_a_short_run_writes_checkpoint_log_and_grid(trained):
     assert all(len(r["loss_bins"]) == 10 and r["img_per_s"] > 0 for r in log)
     assert os.listdir(trained / "samples") == ["step_0000020.png"]
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["method"] == "ddpm" and ckpt["config"]["num_classes"] > 1
+    assert ckpt["step"] == 20 and ckpt["config"]["method"] == "minsnr_v" and ckpt["config"]["num_classes"] > 1
+    # The default is Min-SNR-5 with v-prediction; --method ddpm is the eps baseline.
+    assert (ckpt["config"]["target"], ckpt["config"]["weighting"], ckpt["config"]["snr_gamma"]) == ("v", "min_snr", 5.0)
     assert json.load(open(trained / "config.json"))["image_size"] == 16
 
 
@@ -99,7 +101,7 @@ def test_bad_inputs_give_one_clear_sentence(tmp_path, trained, capsys):
         run(tmp_path / "o7", "--dtr-alpha", "1.5")
     assert "outside" in capsys.readouterr().err
     # a checkpoint of another method or architecture
-    assert "method='ddpm'" in error_of(run, trained, "--resume", "--method", "dtr")
+    assert "method='minsnr_v'" in error_of(run, trained, "--resume", "--method", "dtr")
     assert "arch='unet'" in error_of(run, trained, "--resume", "--model", "DiT-T/4")
     # a truncated checkpoint
     bad = tmp_path / "trunc"
