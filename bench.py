@@ -1129,7 +1129,7 @@ def baseline_check(prof, rows, scorer, name="unet/ddpm"):
     cks = prof["checkpoints"]
     fds = [mean_std(list(final(rows, name, "fd", c).values())) for c in cks]
     acc = mean_std(list(final(rows, name, "class_acc", cks[-1]).values()))
-    ceiling, floor = scorer.info["accuracy"], 0.25
+    ceiling, floor = scorer.info["accuracy"], 1 / scorer.net.head.out_features
     rel = None if acc is None else (acc["mean"] - floor) / (ceiling - floor)
     return dict(row=name, fd=fds, falls=all(a is not None and b is not None and b["mean"] < a["mean"] for a, b in zip(fds, fds[1:])),
                 class_acc=acc, ceiling=ceiling, floor=floor, relative=rel)
@@ -1152,8 +1152,9 @@ def evidence_markdown(report):
              f"seeds {list(p['seeds'])}. Scores: {p['n_eval']} DDIM-{p['eval_steps']} (eta {p['eval_eta']:g}) samples per "
              f"checkpoint, the same noise for every row of a seed; FD against {p['n_ref']} held-out images in the reference "
              f"CNN's features; generated-class accuracy = the share of class-conditional samples the reference CNN puts "
-             f"in their class (ceiling {report['floor']['class_acc']:.3f}: held-out real images; floor "
-             f"{b['floor']:.3f}: chance); real-vs-real FD at this N: {report['floor']['fd']:.2f}.", "",
+             f"in their class (ceiling {b['ceiling']:.3f}: the CNN's accuracy on held-out real images; "
+             f"{report['floor']['class_acc']:.3f} on the {p['n_eval']} used as FD's floor; floor {b['floor']:.3f}: "
+             f"chance); real-vs-real FD at this N: {report['floor']['fd']:.2f}.", "",
              "Verdicts compare two rows seed by seed: the mean paired difference a - b with a 95% bootstrap interval "
              "over seeds. *holds*: the whole interval is on the claim's side; *contradicted*: on the other side; "
              "*unresolved*: it spans zero.", "",
@@ -1323,7 +1324,7 @@ def recipe_markdown(prof, store, cost, command, wall_s, scorers):
              f"{prof['warmup']}, gradient clipping {prof.get('grad_clip', 1.0)}, EMA {prof.get('ema_decay', 0.999)}, "
              f"{prof.get('schedule', 'linear')} schedule; each variant changes one setting. Scores of {prof['n_eval']} "
              f"EMA samples ({main_label}) per checkpoint: FD, generated-class accuracy (ceiling: held-out real images "
-             + ", ".join(f"{s}px {sc.floor['class_acc']:.3f}" for s, sc in scorers.items()) + "; chance 0.25) and channel "
+             + ", ".join(f"{s}px {sc.info['accuracy']:.3f}" for s, sc in scorers.items()) + "; chance 0.25) and channel "
              "deviation (real: " + ", ".join(f"{sc.floor['channel_dev']:.3f}" for sc in scorers.values()) + "). "
              f"CPU-minutes = steps x the variant's timed seconds per step ({cost['hardware']}).", "",
              "| variant | s/step | step | CPU-min | FD | class acc | channel dev | sample std |", "|---|---|---|---|---|---|---|---|"]

@@ -47,7 +47,7 @@ from unet import UNET_PRESETS
 # Config keys that fix the network's shape: a checkpoint must agree on all of them.
 ARCH_KEYS = ("method", "arch", "model", "image_size", "in_channels", "num_classes", "learn_sigma")
 ON_GPU = torch.cuda.is_available()
-CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=16, steps=2000, lr=3e-4, ema_decay=0.999,
+CPU_DEFAULTS = dict(model="unet-cpu", image_size=32, batch_size=16, steps=1500, lr=3e-4, ema_decay=0.999,
                     ckpt_every=500, sample_every=1000, log_every=50, workers=0, precision="fp32")
 GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_000, lr=1e-4, ema_decay=0.9999,
                     ckpt_every=5000, sample_every=5000, log_every=100, workers=4, precision="bf16")
@@ -186,7 +186,7 @@ def oversubscribed(cores, local_world, threads, load):
     if local_world * threads > cores:
         return (f"note: {local_world} process(es) x {threads} torch thread(s) oversubscribe the {cores} CPU cores; "
                 f"set OMP_NUM_THREADS={max(1, cores // local_world)}")
-    if load + local_world * threads > cores + 0.5:
+    if load + local_world * threads > cores + 1:  # at least one other busy process (the load decays slowly)
         free = max(1, int(cores - load) // local_world)
         what = f"set OMP_NUM_THREADS={free}" if free < threads else "steps run slower until the other jobs finish"
         return (f"note: the load average {load:.1f} of other jobs plus {local_world} x {threads} torch thread(s) "
