@@ -1374,13 +1374,16 @@ def run(prof, name, runs, cache=None, command=""):
                 claims=claims(summary, quality, prof["checkpoints"], noise["fd"]))
 
 
-def routing_only(prof, name, args, command):
+def timing_only(prof, name, args, command, section):
+    """One timing section alone (--only routing / compile): its rows, their table, bench.json and bench.md."""
+    rows_fn, markdown_fn, title = {"routing": (routing_cost, routing_markdown, "DTR cost"),
+                                   "compile": (lambda p: compile_cost(p, name), compile_markdown, "Compile cost")}[section]
     t0 = time.time()
-    rows = routing_cost(prof)
+    rows = rows_fn(prof)
     report = dict(profile_name=name, command=command, date=datetime.date.today().isoformat(), hardware=hardware(),
-                  wall_s=time.time() - t0, routing_cost=rows)
-    text = "\n".join([f"# DTR cost ({name} profile)", "", f"`{command}` on {report['date']}; {report['hardware']}; "
-                      f"{report['wall_s'] / 60:.1f} min."] + routing_markdown(rows)) + "\n"
+                  wall_s=time.time() - t0, **{f"{section}_cost": rows})
+    text = "\n".join([f"# {title} ({name} profile)", "", f"`{command}` on {report['date']}; {report['hardware']}; "
+                      f"{report['wall_s'] / 60:.1f} min."] + markdown_fn(rows)) + "\n"
     for path, content in ((args.json, json.dumps(report, indent=1)), (args.md, text)):
         with open(path, "w") as f:
             f.write(content)
@@ -1552,20 +1555,6 @@ def gpu_check(root="runs/gpu-check", steps=50, cases=GPU_CHECK_CASES, flags=("--
     return results
 
 
-def compile_only(prof, name, args, command):
-    t0 = time.time()
-    rows = compile_cost(prof, name)
-    report = dict(profile_name=name, command=command, date=datetime.date.today().isoformat(), hardware=hardware(),
-                  wall_s=time.time() - t0, compile_cost=rows)
-    text = "\n".join([f"# Compile cost ({name} profile)", "", f"`{command}` on {report['date']}; {report['hardware']}; "
-                      f"{report['wall_s'] / 60:.1f} min."] + compile_markdown(rows)) + "\n"
-    for path, content in ((args.json, json.dumps(report, indent=1)), (args.md, text)):
-        with open(path, "w") as f:
-            f.write(content)
-    print(text)
-    return report
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -1601,10 +1590,8 @@ def main(argv=None):
             return run_evidence(prof, name, args, command.strip())
         if name == "recipe":
             return recipe_study(prof, name, args, command.strip())
-        if args.only == "routing":
-            return routing_only(prof, name, args, command.strip())
-        if args.only == "compile":
-            return compile_only(prof, name, args, command.strip())
+        if args.only:
+            return timing_only(prof, name, args, command.strip(), args.only)
         report = run(prof, name, args.runs or os.path.join("runs", f"bench-{name}"), args.cache, command.strip())
     except (RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")

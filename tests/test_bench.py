@@ -153,6 +153,17 @@ def test_routing_only_writes_the_dtr_cost_table(tmp_path):
     assert text.startswith("# DTR cost (tiny profile)") and "| DiT-T/4 | 16px | 2 |" in text
 
 
+def test_compile_only_writes_its_table_through_the_same_path(tmp_path, monkeypatch):
+    c = {"median": 0.9, "lo": 0.85, "hi": 0.95}
+    row = dict(model="unet-cpu", image_size=16, batch=2, eager_ms=10.0, compiled_ms=9.0, compiled_ratio=c,
+               aa_ratio={"median": 1.0, "lo": 0.99, "hi": 1.01}, compile_s=3.0, break_even_steps=3000.0, repeats=4)
+    monkeypatch.setattr(bench, "compile_cost", lambda prof, name: [row])
+    report = bench.main(["--tiny", "--only", "compile", "--json", str(tmp_path / "c.json"), "--md", str(tmp_path / "c.md")])
+    assert report["compile_cost"] == [row] and json.load(open(tmp_path / "c.json"))["compile_cost"][0]["batch"] == 2
+    text = open(tmp_path / "c.md").read()
+    assert text.startswith("# Compile cost (tiny profile)") and "| unet-cpu | 16px | 2 | 10.0 | 9.0 | 0.900" in text
+
+
 def test_median_interval_matches_the_normal_theory():
     # The sample median of n normal draws has standard error sqrt(pi / 2) sigma / sqrt(n) (asymptotically).
     g = torch.Generator().manual_seed(1)
