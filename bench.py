@@ -1214,11 +1214,20 @@ def evidence_markdown(report):
     return "\n".join(lines) + "\n"
 
 
+# Which rows and seeds a profile runs: these may change between invocations (a unit is keyed by its row
+# and seed); every other setting decides what a unit's numbers mean, so the store refuses a change of it.
+ROW_KEYS = ("seeds", "arches", "methods", "arch_methods", "targets", "weightings")
+
+
+def evidence_settings(prof):
+    return json.loads(json.dumps({k: v for k, v in prof.items() if k not in ROW_KEYS}))
+
+
 def run_evidence(prof, name, args, command):
     """The evidence profile end to end; resumable. Writes args.json (every unit, as it finishes) and args.md
     (the tables of whatever is stored, also when stopped early)."""
     t0 = time.time()
-    store = Store(args.json, json.loads(json.dumps({k: v for k, v in prof.items() if k != "seeds"})))
+    store = Store(args.json, evidence_settings(prof))
     root = args.runs or os.path.join("runs", f"bench-{name}")
     os.makedirs(root, exist_ok=True)
     scorer = Scorer(prof, args.cache)
