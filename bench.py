@@ -616,7 +616,7 @@ def sampling_speed(prof, arch):
 # Summary: means over seeds, the claims, the markdown
 
 def mean_std(vals):
-    vals = [v for v in vals if v is not None]
+    vals = [v for v in vals if isinstance(v, (int, float))]  # not None (missing) or DIVERGED
     if not vals:
         return None
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
@@ -873,9 +873,8 @@ def train_row_resumable(prof, store, root, spec, seed, score, extra=(), need_che
             try:
                 call_train(argv, out + ".log")
             except RuntimeError as e:
-                with open(out + ".log") as f:
-                    if "not finite" not in f.read():
-                        raise
+                if "not finite" not in str(e):  # train.py's one sentence for --max-nonfinite
+                    raise
                 store.put(keys[c], {"diverged": True, "message": str(e)})
                 print(f"[bench] {name} seed {seed} diverged before step {c}", flush=True)
                 break
@@ -1008,21 +1007,31 @@ def rows_from_store(prof, store):
     return rows, [s["name"] for s in specs]
 
 
+DIVERGED = "diverged"
+
+
+def diverged(r):
+    """Did this row-seed stop on non-finite losses (at any checkpoint)?"""
+    return any(isinstance(v, dict) and v.get("diverged") for v in r.values())
+
+
 def final(rows, name, metric, step):
-    """Per-seed values of metric at step (None for a seed whose run diverged or lacks it), seed order."""
-    out = {}
-    for seed, r in rows.get(name, {}).items():
-        v = r.get(step) or {}
-        out[seed] = None if v.get("diverged") else v.get(metric)
-    return out
+    """Per-seed values of metric at step: DIVERGED for a run that stopped on non-finite losses, None where
+    the unit is not stored yet."""
+    return {seed: DIVERGED if diverged(r) else (r.get(step) or {}).get(metric) for seed, r in rows.get(name, {}).items()}
 
 
 def mean_over_checkpoints(rows, name, metric, cks):
     out = {}
     for seed, r in rows.get(name, {}).items():
         vals = [(r.get(c) or {}).get(metric) for c in cks]
-        out[seed] = None if any(v is None for v in vals) else statistics.fmean(vals)
+        out[seed] = DIVERGED if diverged(r) else None if None in vals else statistics.fmean(vals)
     return out
+
+
+def with_key(rows, name, key):
+    """{seed: row} of the seeds whose row has `key` stored (an extra evaluation), for tables and claims."""
+    return {seed: r for seed, r in rows.get(name, {}).items() if key in r}
 
 
 def steps_to_reach(curve, target):
@@ -1044,12 +1053,21 @@ def evidence_claims(prof, rows, names):
     about rows it does not run is left out; one whose rows have fewer than 2 seeds stored says so)."""
     cks, last = prof["checkpoints"], prof["checkpoints"][-1]
     out = []
-    def add(claim, source, what, a, b, sign, va, vb, needs=None):
+    def add(claim, source, what, a, b, sign, va, vb, needs=None, higher_better=False):
         if any(n not in names for n in needs or (a, b)):
             return
         seeds = [s for s in va if va[s] is not None and vb.get(s) is not None]
+        c = dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, n=len(seeds))
         if len(seeds) < 2:
-            out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, verdict="not enough seeds yet", n=len(seeds)))
+            out.append({**c, "verdict": "not enough seeds yet"})
+            return
+        if any(DIVERGED in (va[s], vb[s]) for s in seeds):
+            # A run that diverged is worse than any that did not: the verdict needs every seed on one side.
+            worst = -math.inf if higher_better else math.inf
+            val = lambda v: worst if v == DIVERGED else v
+            sides = {(val(va[s]) > val(vb[s])) - (val(va[s]) < val(vb[s])) for s in seeds}
+            out.append({**c, "diverged": {"a": sum(va[s] == DIVERGED for s in seeds), "b": sum(vb[s] == DIVERGED for s in seeds)},
+                        "verdict": "holds" if sides == {sign} else "contradicted" if sides == {-sign} else "unresolved"})
             return
         ci = paired([va[s] for s in seeds], [vb[s] for s in seeds])
         out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, verdict=verdict(ci, sign),
@@ -1062,7 +1080,7 @@ def evidence_claims(prof, rows, names):
         p = lambda m: f"{a}/{m}"
         add(f"DTR lowers FD ({a})", "DTR Table 1", f"FD@{last}", p("dtr"), p("ddpm"), -1, fd(p("dtr")), fd(p("ddpm")))
         add(f"DTR raises generated-class accuracy ({a})", "DTR Table 1", f"class acc@{last}", p("dtr"), p("ddpm"), +1,
-            acc(p("dtr")), acc(p("ddpm")))
+            acc(p("dtr")), acc(p("ddpm")), higher_better=True)
         add(f"DTR converges faster ({a})", "DTR Fig. 5", "FD mean over checkpoints", p("dtr"), p("ddpm"), -1,
             auc(p("dtr")), auc(p("ddpm")))
         add(f"random routing (R-TR) is worse than DTR ({a})", "DTR Table 1", f"FD@{last}", p("rtr"), p("dtr"), +1,
@@ -1077,7 +1095,7 @@ def evidence_claims(prof, rows, names):
                 a, b = f"unet/{t}/min_snr", f"unet/{t}/{w}"
                 add(f"min-SNR-{prof['min_snr_gamma']:g} converges faster than {w} ({t}-prediction)", "Min-SNR Fig. 5",
                     "FD mean over checkpoints", a, b, -1, auc(a), auc(b))
-    rest = rows.get("unet/mtdiff-masked", {})
+    rest = with_key(rows, "unet/mtdiff-masked", "restoration")
     if rest:
         ours = {s: min(r["restoration"][k]["masked_mse"] for k in ("MT-Diffusion (Alg. 1)", "MT-Diffusion + paste"))
                 for s, r in rest.items()}
@@ -1090,11 +1108,11 @@ def evidence_claims(prof, rows, names):
         head = {s: v["mt_head"] for s, v in labs.items()}
         add("the label head beats the same network trained by cross-entropy over uniform t", "MT-Diffusion Fig. 6",
             "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, uniform t", +1, head,
-            {s: v["supervised_noisy"] for s, v in labs.items()}, needs=("unet/mtdiff-label",))
+            {s: v["supervised_noisy"] for s, v in labs.items()}, needs=("unet/mtdiff-label",), higher_better=True)
         add("the label head beats a classifier trained on clean images", "MT-Diffusion Fig. 6",
             "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, clean images", +1, head,
-            {s: v["supervised"] for s, v in labs.items()}, needs=("unet/mtdiff-label",))
-    jn, de = rows.get("unet/jointnet", {}), rows.get("unet/direct_extend", {})
+            {s: v["supervised"] for s, v in labs.items()}, needs=("unet/mtdiff-label",), higher_better=True)
+    jn, de = with_key(rows, "unet/jointnet", "rgb_heldout"), with_key(rows, "unet/direct_extend", "rgb_heldout")
     if jn and de:
         rise = lambda rs: {s: r["rgb_heldout"]["last"] / r["rgb_heldout"]["first"] - 1 for s, r in rs.items()}
         add("Direct Extend forgets RGB more than JointNet", "JointNet Sec. 3 (Fig. 8's samples)",
@@ -1167,7 +1185,9 @@ def evidence_markdown(report):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["claims"]:
         if "ci" not in c:
-            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {c['n']} | {c['verdict']} |")
+            why = "" if "diverged" not in c else f" (diverged: a in {c['diverged']['a']}, b in {c['diverged']['b']} seeds)"
+            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {c['n']} | "
+                         f"{c['verdict']}{why} |")
             continue
         lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.3f} | "
                      f"{c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {c['n']} | **{c['verdict']}** |")
@@ -1179,7 +1199,7 @@ def evidence_markdown(report):
         if not any(isinstance(k, int) or str(k).isdigit() for r in per_seed.values() for k in r):
             continue
         v = lambda m, c: mean_std(list(final(rows, name, m, c).values()))
-        div = sum(1 for r in per_seed.values() if any((x or {}).get("diverged") for x in r.values() if isinstance(x, dict)))
+        div = sum(diverged(r) for r in per_seed.values())
         lines.append(f"| {name} | " + " | ".join(fmt(v('fd', c)) for c in cks) + f" | {fmt(v('class_acc', cks[-1]), 3)} | "
                      f"{fmt(v('channel_dev', cks[-1]), 3)} | {fmt(v('std', cks[-1]), 3)} | {len(per_seed)} | {div} |")
     tt = [r for r in report["time_to_target"] if r["speedup"]]
@@ -1189,7 +1209,7 @@ def evidence_markdown(report):
                   "| target | other weighting | speed-up per seed |", "|---|---|---|"]
         lines += [f"| {r['target']} | {r['weighting']} | " + ", ".join("-" if x is None else f"{x:.2f}x" for x in r["speedup"].values()) + " |"
                   for r in tt]
-    rest = rows.get("unet/mtdiff-masked", {})
+    rest = with_key(rows, "unet/mtdiff-masked", "restoration")
     if rest:
         lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {p['mt_patches']} hidden patches)", "",
                   "| method | masked-region MSE | unmasked change | seeds |", "|---|---|---|---|"]
@@ -1202,7 +1222,7 @@ def evidence_markdown(report):
         for k, title in (("mt_head", "MT-Diffusion head"), ("supervised_noisy", "same network, cross-entropy over uniform t"),
                          ("supervised", "same network, cross-entropy on clean images")):
             lines.append(f"| {title} | {fmt(mean_std([x[k] for x in labs]), 3)} | {len(labs)} |")
-    jn = {n: rows.get(n, {}) for n in ("unet/jointnet", "unet/direct_extend")}
+    jn = {n: with_key(rows, n, "rgb_heldout") for n in ("unet/jointnet", "unet/direct_extend")}
     if all(jn.values()):
         lines += ["", "## JointNet and Direct Extend", "", "RGB -> depth is the replacement-only setting (known RGB pasted at "
                   "every step), which the JointNet paper itself calls weak; it is reported, not claimed.", "",

@@ -248,3 +248,26 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
     redone = json.load(open(tmp_path / "e.json"))["units"][key]
     assert len(calls) == 2 and all("unet_dtr-seed1" in " ".join(a) for a in calls)
     assert redone["fd"] == lost["fd"] and redone["class_acc"] == lost["class_acc"]
+
+
+def test_a_diverged_row_loses_its_claims_and_is_stored_as_such(tmp_path, monkeypatch):
+    # By hand: min-SNR finite in both seeds, constant weighting diverged in both -> min-SNR converges faster.
+    prof = {**bench.PROFILES["cpu"], "arches": (), "targets": ("eps",), "weightings": ("const", "min_snr"),
+            "checkpoints": (1, 2), "seeds": (0, 1)}
+    ok = {c: {"fd": 5.0 - c} for c in (1, 2)}
+    rows = {"unet/eps/min_snr": {0: ok, 1: ok}, "unet/eps/const": {0: {1: {"diverged": True}}, 1: {1: {"diverged": True}}}}
+    (c,) = [c for c in bench.evidence_claims(prof, rows, list(rows)) if "const" in c["claim"]]
+    assert c["verdict"] == "holds" and c["diverged"] == {"a": 0, "b": 2} and "ci" not in c
+    rows["unet/eps/const"][1] = {1: {"fd": 1.0}, 2: {"fd": 0.5}}  # one seed finite and better: no verdict
+    (c,) = [c for c in bench.evidence_claims(prof, rows, list(rows)) if "const" in c["claim"]]
+    assert c["verdict"] == "unresolved"
+    # Through train_row_resumable: train.py's non-finite stop is stored as diverged, and the row is not retried.
+    def nonfinite(argv, log):
+        raise RuntimeError("python train.py failed (error: the loss was not finite for 10 steps in a row)")
+    monkeypatch.setattr(bench, "call_train", nonfinite)
+    store = bench.Store(str(tmp_path / "s.json"), {})
+    spec = dict(name="unet/eps/const", arch="unet", method="ddpm")
+    assert bench.train_row_resumable(prof, store, str(tmp_path), spec, 0, None) == {1: store.get("unet/eps/const|seed0|step1")}
+    assert store.get("unet/eps/const|seed0|step1")["diverged"]
+    monkeypatch.setattr(bench, "call_train", lambda *a: pytest.fail("a diverged row was retrained"))
+    bench.train_row_resumable(prof, store, str(tmp_path), spec, 0, None)
