@@ -1348,7 +1348,9 @@ def recipe_cost(prof):
 def recipe_markdown(prof, store, cost, command, wall_s, scorers):
     main_label = f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}"
     lines = ["# Recipe study: the plain ddpm baseline (eps-prediction, no weighting) on shapes", "",
-             f"`{command}`; {hardware()}; this invocation {wall_s / 60:.1f} min. One seed ({prof['seeds'][0]}). Base recipe: "
+             f"`{command}`; {hardware()}; this invocation {wall_s / 60:.1f} min, all stored units "
+             f"{sum(u.get('train_s', 0) for u in store.doc['units'].values() if isinstance(u, dict)) / 60:.1f} min of "
+             f"training and scoring. One seed ({prof['seeds'][0]}). Base recipe: "
              f"{prof['image_size']}px, {prof['models']['unet']}, batch {prof['batch_size']}, lr {prof['lr']}, warm-up "
              f"{prof['warmup']}, gradient clipping {prof.get('grad_clip', 1.0)}, EMA {prof.get('ema_decay', 0.999)}, "
              f"{prof.get('schedule', 'linear')} schedule; each variant changes one setting. Scores of {prof['n_eval']} "
