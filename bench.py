@@ -1234,13 +1234,15 @@ def evidence_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-# Which rows and seeds a profile runs: these may change between invocations (a unit is keyed by its row
-# and seed); every other setting decides what a unit's numbers mean, so the store refuses a change of it.
-ROW_KEYS = ("seeds", "arches", "methods", "arch_methods", "targets", "weightings")
+# Which rows, seeds and checkpoints a profile runs: these may change between invocations, since a unit is
+# keyed by its row, seed and step, and training to step s does not depend on the run's length (the learning
+# rate has a warm-up and no decay; checkpoints and sample grids draw nothing from the training's random
+# streams). Every other setting decides what a unit's numbers mean, so the store refuses a change of it.
+VARIABLE_KEYS = ("seeds", "arches", "methods", "arch_methods", "targets", "weightings", "checkpoints")
 
 
 def evidence_settings(prof):
-    return json.loads(json.dumps({k: v for k, v in prof.items() if k not in ROW_KEYS}))
+    return json.loads(json.dumps({k: v for k, v in prof.items() if k not in VARIABLE_KEYS}))
 
 
 def run_evidence(prof, name, args, command):

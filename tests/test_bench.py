@@ -234,6 +234,22 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
         # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
         one_seed = bench.main(args + ["--seeds", "0"])
     assert again["claims"] == first["claims"] and list(one_seed["rows"]["unet/ddpm"]) == [0]
+    # A longer run continues each row from its last checkpoint to the new one, and matches a run trained
+    # straight to it (training to step s does not depend on where the run ends).
+    calls = []
+    real = bench.call_train
+    with monkeypatch.context() as m:
+        m.setitem(bench.PROFILES["cpu"], "checkpoints", (1, 2, 3))
+        m.setitem(bench.PROFILES["cpu"], "methods", ("ddpm",))
+        m.setattr(bench, "call_train", lambda argv, log: (calls.append(argv), real(argv, log)))
+        bench.main(args + ["--seeds", "0"])
+    assert ["--resume", "--out", str(tmp_path / "runs" / "unet_ddpm-seed0"), "--steps", "3"] in calls
+    straight = tmp_path / "straight"
+    bench.train.main(["--method", "ddpm", *bench.common_flags({**bench.PROFILES["cpu"], "checkpoints": (3,)}, "unet", 0),
+                      "--steps", "3", "--out", str(straight)])
+    a = torch.load(tmp_path / "runs" / "unet_ddpm-seed0" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # One lost unit (and its run folder): only that row and seed retrain, and training is deterministic.
     doc = json.load(open(tmp_path / "e.json"))
     key = bench.unit_key("unet/dtr", 1, 2)
