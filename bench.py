@@ -1164,8 +1164,9 @@ def evidence_markdown(report):
              f"`{report['command']}`; {report['hardware']}; this invocation {report['wall_s'] / 60:.1f} min "
              f"({report['units']} units stored in all)." + (" **Partial: stopped before the end; the same command "
                                                             "continues it.**" if report["stopped"] else ""), "",
-             f"Every row trains with the same recipe: {p['image_size']}px shapes, {p['models']['unet']} / {p['models']['dit']}, "
-             f"batch {p['batch_size']}, lr {p['lr']} (warm-up {p['warmup']}), gradient clipping {p.get('grad_clip', 1.0)}, "
+             f"Every row trains with the same recipe: {p['image_size']}px shapes, "
+             f"{' / '.join(p['models'][a] for a in p['arches'])}, batch {p['batch_size']}, lr {p['lr']} (warm-up "
+             f"{p['warmup']}), gradient clipping {p.get('grad_clip', 1.0) or 'off'}, "
              f"EMA {p.get('ema_decay', 0.999)}, {p.get('schedule', 'linear')} schedule, checkpoints at {list(cks)} steps, "
              f"seeds {list(p['seeds'])}. Scores: {p['n_eval']} DDIM-{p['eval_steps']} (eta {p['eval_eta']:g}) samples per "
              f"checkpoint, the same noise for every row of a seed; FD against {p['n_ref']} held-out images in the reference "
