@@ -1255,10 +1255,15 @@ def run_evidence(prof, name, args, command):
     os.makedirs(root, exist_ok=True)
     scorer = Scorer(prof, args.cache)
     stopped = False
+    def on_sigterm(signum, frame):  # outside train.py (which saves and returns), stop like Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         evidence_rows(prof, store, scorer, root)
     except KeyboardInterrupt:
         stopped = True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rows, names = rows_from_store(prof, store)
     report = dict(profile_name=name, profile=prof, command=command, hardware=hardware(), wall_s=time.time() - t0,
                   units=len(store.doc["units"]), stopped=stopped, floor=scorer.floor, rows=rows,
