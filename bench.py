@@ -163,6 +163,11 @@ def common_flags(prof, arch, seed):
     return flags
 
 
+def run_dir(root, name, seed):
+    """A row's run folder for one seed ('unet/ddpm', 0 -> ROOT/unet_ddpm-seed0)."""
+    return os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
+
+
 def train_in_segments(out, flags, checkpoints, on_checkpoint):
     """Train to each checkpoint in turn (resuming in between, which continues exactly) and call
     on_checkpoint(checkpoint path, step) at each; returns {step: its result}."""
@@ -253,7 +258,7 @@ def score_checkpoint(prof, scorer, seed):
 
 def run_row(prof, scorer, root, spec, seed, extra=()):
     """Train one row with one seed, scored at every checkpoint; returns its record."""
-    out = os.path.join(root, f"{spec['name']}-seed{seed}".replace("/", "_"))
+    out = run_dir(root, spec["name"], seed)
     t0 = time.time()
     flags = ["--method", spec["method"], *spec.get("flags", ()), *common_flags(prof, spec["arch"], seed), *extra]
     scores = train_in_segments(out, flags, prof["checkpoints"], score_checkpoint(prof, scorer, seed))
@@ -383,7 +388,7 @@ def mtdiff_rows(prof, scorer, root, quality):
         r = run_row(prof, scorer, root, spec, seed)
         r["restoration"] = restoration(prof, scorer, os.path.join(r["out"], "checkpoint.pt"), base, seed) if base else None
         rows.append(r)
-        out = os.path.join(root, f"unet_mtdiff-label-seed{seed}")
+        out = run_dir(root, "unet/mtdiff-label", seed)
         print(f"[bench] unet/mtdiff-label seed {seed}", flush=True)
         flags = ["--method", "mtdiff", "--task", "label", *common_flags(prof, "unet", seed)]
         train_in_segments(out, flags, prof["checkpoints"][-1:], lambda p, s: None)
@@ -946,10 +951,6 @@ MT_MASKED = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method=
                  flags=["--task", "masked", "--class-cond", "0"])
 MT_LABEL = dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", flags=["--task", "label"])
 JOINT = [dict(group="jointnet", name=f"unet/{m}", arch="unet", method=m) for m in ("jointnet", "direct_extend")]
-
-
-def run_dir(root, name, seed):
-    return os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
 
 
 def evidence_rows(prof, store, scorer, root):
