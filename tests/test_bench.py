@@ -4,6 +4,8 @@ import math
 import os
 import statistics
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -212,8 +214,8 @@ TINY_EVIDENCE = dict(arches=("unet",), methods=("ddpm", "dtr"), targets=("eps",)
 def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(bench.PROFILES, "cpu", {**bench.PROFILES["cpu"], **TINY_EVIDENCE})
-    args = ["--cpu", "--runs", str(tmp_path / "runs"), "--json", str(tmp_path / "e.json")]
-    first = bench.main(args)
+    args = ["--cpu", "--runs", str(tmp_path / "runs"), "--json", str(tmp_path / "e.json"), "--parallel", "1"]
+    first = bench.main(args + ["--parallel", "2"])  # two worker processes share the jobs
     units = json.load(open(tmp_path / "e.json"))["units"]
     for name in ("unet/ddpm", "unet/dtr", "unet/eps/const", "unet/mtdiff-masked", "unet/jointnet", "unet/direct_extend"):
         for seed in (0, 1):
@@ -264,6 +266,33 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
     redone = json.load(open(tmp_path / "e.json"))["units"][key]
     assert len(calls) == 2 and all("unet_dtr-seed1" in " ".join(a) for a in calls)
     assert redone["fd"] == lost["fd"] and redone["class_acc"] == lost["class_acc"]
+
+
+def test_parallel_jobs_run_once_each_and_wait_for_their_inputs(tmp_path):
+    # Two runners (threads here; their file locks are separate open files, as in two processes) share one
+    # list: every job runs exactly once, and a job whose input another job makes waits for it.
+    store = bench.Store(str(tmp_path / "s.json"), {})
+    ran, lock = [], threading.Lock()
+    def job(name, needs=None):
+        def run():
+            with lock:
+                ran.append(name)
+            time.sleep(0.05)
+            store.put(name, {"done": True})
+        return bench.Job(name, 0, run, lambda: store.get(name) is not None,
+                         (lambda: store.get(needs) is not None) if needs else (lambda: True))
+    jobs = [job("late", needs="base"), job("base"), *[job(f"row{i}") for i in range(6)]]
+    runners = [threading.Thread(target=bench.run_jobs, args=(jobs, str(tmp_path / "locks"), 0.01, lambda s: None))
+               for _ in range(2)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join(timeout=60)
+    assert sorted(ran) == sorted(j.name for j in jobs) and ran.index("late") > ran.index("base")
+    assert all(bench.Store(str(tmp_path / "s.json"), {}).get(j.name) for j in jobs)  # no put lost another's
+    # A job whose input nothing will make: a clear error, not a wait forever.
+    with pytest.raises(RuntimeError, match="wait on checkpoints no job makes: never"):
+        bench.run_jobs([job("never", needs="missing")], str(tmp_path / "locks"), 0.01, lambda s: None)
 
 
 def test_a_diverged_row_loses_its_claims_and_is_stored_as_such(tmp_path, monkeypatch):
