@@ -846,15 +846,25 @@ class Store:
             raise ValueError(f"{self.path} holds results of other settings; pass another --json or move it away "
                              "to start over")
         self.doc["units"], self.seen = old["units"], (st.st_mtime_ns, st.st_size)
+        if "invocations" in old:
+            self.doc["invocations"] = old["invocations"]
 
     def get(self, key):
         self.refresh()
         return self.doc["units"].get(key)
 
     def put(self, key, value):
+        self._update(lambda doc: doc["units"].__setitem__(key, value))
+
+    def log_invocation(self, record):
+        """Append one invocation that trained something ({date, wall_s, units, parallel}): the profile's
+        cost in all is the sum over them, however many times it was stopped and continued."""
+        self._update(lambda doc: doc.setdefault("invocations", []).append(record))
+
+    def _update(self, change):
         with file_lock(self.path + ".lock"):
             self.refresh()
-            self.doc["units"][key] = value
+            change(self.doc)
             tmp = f"{self.path}.tmp.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(self.doc, f, indent=1)
@@ -1259,9 +1269,26 @@ def baseline_check(prof, rows, scorer, name="unet/ddpm"):
     acc = mean_std(list(final(rows, name, "class_acc", cks[-1]).values()))
     ceiling, floor = scorer.info["accuracy"], 1 / scorer.net.head.out_features
     rel = None if acc is None else (acc["mean"] - floor) / (ceiling - floor)
+    per_seed = {seed: [final(rows, name, "fd", c).get(seed) for c in cks] for seed in rows.get(name, {})}
+    per_seed = {seed: v for seed, v in per_seed.items() if all(isinstance(x, float) for x in v)}
+    rises = {seed: v for seed, v in per_seed.items() if any(b >= a for a, b in zip(v, v[1:]))}
     return dict(row=name, fd=fds, falls=all(a is not None and b is not None and b["mean"] < a["mean"] for a, b in zip(fds, fds[1:])),
+                seeds_complete=len(per_seed), seeds_rising=rises,
                 class_acc=acc, ceiling=ceiling, floor=floor, relative=rel,
                 of_ceiling=None if acc is None else acc["mean"] / ceiling)
+
+
+def invocations_note(invocations):
+    """The profile's wall time in all, summed over the invocations that trained units."""
+    if not invocations:
+        return ""
+    def one(r):
+        took = (f"{r['wall_s'] / 60:.0f} min" if r.get("wall_s") is not None else
+                f"{r['train_s'] / 60:.0f} min of training, scoring not recorded")
+        return f"{r['units']} units on {r['date']} with {r['parallel']} process{'es' if r['parallel'] > 1 else ''}: {took}"
+    known = [r["wall_s"] for r in invocations if r.get("wall_s") is not None]
+    total = f"{sum(known) / 60:.0f} min" + ("" if len(known) == len(invocations) else " plus an unrecorded part")
+    return (f"; the invocations that trained them took {total} of wall time (" + "; ".join(map(one, invocations)) + ")")
 
 
 def fmt_ci(c, digits=3):
@@ -1274,7 +1301,7 @@ def evidence_markdown(report):
     lines = [f"# Evidence ({report['profile_name']} profile)", "",
              f"`{report['command']}`; {report['hardware']}; " + (f"{report['parallel']} training processes at once, one "
              "torch thread each; " if report.get("parallel", 1) > 1 else "") + f"this invocation {report['wall_s'] / 60:.1f} min "
-             f"({report['units']} units stored in all)." + (" **Partial: stopped before the end; the same command "
+             f"({report['units']} units stored in all" + invocations_note(report.get("invocations", [])) + ")." + (" **Partial: stopped before the end; the same command "
                                                             "continues it.**" if report["stopped"] else ""), "",
              f"Every row trains with the same recipe: {p['image_size']}px shapes, "
              f"{' / '.join(p['models'][a] for a in p['arches'])}, batch {p['batch_size']}, lr {p['lr']} (warm-up "
@@ -1291,7 +1318,11 @@ def evidence_markdown(report):
              "*unresolved*: it spans zero.", "",
              "## Does the baseline learn?", "",
              f"{b['row']}: FD " + " -> ".join(fmt(x) for x in b["fd"]) + f" at steps {list(cks)} "
-             f"({'falls at every checkpoint' if b['falls'] else 'does NOT fall at every checkpoint'}); generated-class "
+             f"(the mean {'falls at every checkpoint' if b['falls'] else 'does NOT fall at every checkpoint'}"
+             + ("" if not b.get("seeds_complete") else f"; per seed it falls in {b['seeds_complete'] - len(b['seeds_rising'])} "
+                f"of {b['seeds_complete']}" + "".join(f", seed {s}: " + " -> ".join(f"{x:.2f}" for x in v)
+                                                     for s, v in sorted(b["seeds_rising"].items())))
+             + f"); generated-class "
              f"accuracy {fmt(b['class_acc'], 3)}: " + ("-" if b["of_ceiling"] is None else
              f"{b['of_ceiling']:.2f} of the ceiling (the profile's target: at least 0.6), {b['relative']:.2f} of the way "
              "from chance to the ceiling") + ".", "",
@@ -1368,6 +1399,7 @@ def run_evidence(prof, name, args, command):
     processes (one torch thread each) share the jobs; this process waits for them and writes the tables."""
     t0 = time.time()
     store = Store(args.json, evidence_settings(prof))
+    stored_before = len(store.doc["units"])
     root = args.runs or os.path.join("runs", f"bench-{name}")
     os.makedirs(root, exist_ok=True)
     scorer = Scorer(prof, args.cache)  # trains and caches the reference net before any worker starts
@@ -1403,8 +1435,12 @@ def run_evidence(prof, name, args, command):
             sys.exit(1)
         return None
     store.refresh()
+    if len(store.doc["units"]) > stored_before:
+        store.log_invocation(dict(date=time.strftime("%Y-%m-%d"), wall_s=round(time.time() - t0, 1),
+                                  units=len(store.doc["units"]) - stored_before, parallel=args.parallel))
     rows, names = rows_from_store(prof, store)
     report = dict(profile_name=name, profile=prof, command=command, hardware=hardware(), wall_s=time.time() - t0,
+                  invocations=store.doc.get("invocations", []),
                   parallel=args.parallel, units=len(store.doc["units"]), stopped=stopped, floor=scorer.floor, rows=rows,
                   baseline=baseline_check(prof, rows, scorer), claims=evidence_claims(prof, rows, names),
                   time_to_target=time_to_target(prof, rows))

@@ -197,6 +197,16 @@ def test_steps_to_reach_interpolates_linearly():
     assert bench.steps_to_reach(curve, 12.0) == 100.0 and bench.steps_to_reach(curve, 3.0) is None
 
 
+def test_baseline_check_names_the_seeds_whose_fd_rises():
+    from types import SimpleNamespace
+    scorer = SimpleNamespace(info={"accuracy": 0.8}, net=SimpleNamespace(head=SimpleNamespace(out_features=4)))
+    fds = {0: (8.0, 5.0, 1.0), 1: (7.0, 9.0, 2.0)}  # seed 1 rises at the middle checkpoint; the mean still falls
+    rows = {"unet/ddpm": {s: {c: {"fd": f, "class_acc": 0.5} for c, f in zip((1, 2, 4), v)} for s, v in fds.items()}}
+    b = bench.baseline_check({"checkpoints": (1, 2, 4)}, rows, scorer)
+    assert b["falls"] and b["seeds_complete"] == 2 and b["seeds_rising"] == {1: [7.0, 9.0, 2.0]}
+    assert b["of_ceiling"] == pytest.approx(0.5 / 0.8) and b["relative"] == pytest.approx((0.5 - 0.25) / (0.8 - 0.25))
+
+
 def test_store_refuses_other_settings(tmp_path):
     s = bench.Store(str(tmp_path / "r.json"), {"lr": 1e-3})
     s.put("a|seed0|step1", {"fd": 1.0})
@@ -224,6 +234,9 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
     assert "unet/eps/min_snr" in first["rows"] and "unet/minsnr" not in first["rows"]  # not a row of this profile
     assert all(c["verdict"] in ("holds", "contradicted", "unresolved", "not enough seeds") for c in first["claims"])
     assert len(first["baseline"]["fd"]) == 2
+    assert first["baseline"]["seeds_complete"] == 2
+    ran = json.load(open(tmp_path / "e.json"))["invocations"]  # the invocation that trained is logged with its cost
+    assert len(ran) == 1 and ran[0]["units"] == len(units) and ran[0]["parallel"] == 2 and ran[0]["wall_s"] > 0
     tables = open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1]
     # Everything is stored: a second run trains and samples nothing and reports the same numbers.
     def refuse(*a, **k):
@@ -236,6 +249,7 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
         # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
         one_seed = bench.main(args + ["--seeds", "0"])
     assert again["claims"] == first["claims"] and list(one_seed["rows"]["unet/ddpm"]) == [0]
+    assert json.load(open(tmp_path / "e.json"))["invocations"] == ran  # invocations that train nothing are not
     # A longer run continues each row from its last checkpoint to the new one, and matches a run trained
     # straight to it (training to step s does not depend on where the run ends).
     calls = []
