@@ -1301,8 +1301,8 @@ def evidence_markdown(report):
     lines = [f"# Evidence ({report['profile_name']} profile)", "",
              f"`{report['command']}`; {report['hardware']}; " + (f"{report['parallel']} training processes at once, one "
              "torch thread each; " if report.get("parallel", 1) > 1 else "") + f"this invocation {report['wall_s'] / 60:.1f} min "
-             f"({report['units']} units stored in all" + invocations_note(report.get("invocations", [])) + ")." + (" **Partial: stopped before the end; the same command "
-                                                            "continues it.**" if report["stopped"] else ""), "",
+             f"({report['units']} units stored in all" + invocations_note(report.get("invocations", [])) + ")."
+             + (" **Partial: stopped before the end; the same command continues it.**" if report["stopped"] else ""), "",
              f"Every row trains with the same recipe: {p['image_size']}px shapes, "
              f"{' / '.join(p['models'][a] for a in p['arches'])}, batch {p['batch_size']}, lr {p['lr']} (warm-up "
              f"{p['warmup']}), gradient clipping {p.get('grad_clip', 1.0) or 'off'}, "
