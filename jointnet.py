@@ -60,10 +60,10 @@ import copy
 import torch
 import torch.nn as nn
 
-import data
 import diffusion
 import minsnr
 import runlib
+import shapes
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
 from unet import UNet
 
@@ -224,7 +224,7 @@ def dense_map(batch, name):
     """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
     if name == "depth":
         return batch["depth"]
-    return batch["seg"][:, None].float() / (data.SEG_CLASSES - 1) * 2 - 1  # seg ids spread over [-1, 1]
+    return batch["seg"][:, None].float() / (shapes.SEG_CLASSES - 1) * 2 - 1  # seg ids spread over [-1, 1]
 
 
 def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weight=None, drop=None):

@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import shapes
 from runlib import ranged
 
 CACHE_ENV = "DIFFUSION_FOUR_PAPERS_CACHE"  # overrides the cache folder (tests point it at a tmp dir)
@@ -468,7 +469,7 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
     d_hat = (s[:, None, None, None] * pred.double() + b[:, None, None, None]).clamp(-1, 1)  # (B, 1, H, W)
     gt = gt.double()
     m = torch.ones_like(gt) if valid is None else valid.reshape(gt.shape).double()
-    z_hat, z = data.disparity_to_depth(d_hat), data.disparity_to_depth(gt)
+    z_hat, z = shapes.disparity_to_depth(d_hat), shapes.disparity_to_depth(gt)
     abs_rel = _masked_mean((z_hat - z).abs() / z, m)                          # (B,)
     rmse = _masked_mean((d_hat - gt) ** 2, m).sqrt()                          # (B,)
     return {"abs_rel": abs_rel.mean().item(), "rmse": rmse.mean().item(), "abs_rel_per_image": abs_rel,

@@ -62,9 +62,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import minsnr
 import runlib
+import shapes
 from diffusion import Schedule, ddim_step, extract, q_sample, split_prediction, timestep_subset, training_target
 from dit import DiT, FinalLayer, build_dit
 from unet import norm, zero_module
@@ -413,7 +413,7 @@ def prepare_config(cfg):
     if cfg["task"] == "translate":
         if cfg["data"] != "shapes":
             raise runlib.RunError("--task translate needs segmentation maps: use --data shapes")
-        cfg["seg_classes"] = data.SEG_CLASSES
+        cfg["seg_classes"] = shapes.SEG_CLASSES
 
 
 def build_model(cfg):

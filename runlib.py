@@ -1,8 +1,8 @@
 """
 Run helpers shared by the loop (train.py), the sampling CLI (sample.py) and the papers' own CLIs.
 
-This module sits below every other project file but data.py, diffusion.py, unet.py and dit.py: paper
-files import it, it imports no paper file, and nothing here knows about a particular method.
+This module sits below every other project file but shapes.py, data.py, diffusion.py, unet.py and
+dit.py: paper files import it, it imports no paper file, and nothing here knows about a particular method.
 
     RunError                 a problem with the user's input, printed as one sentence without a traceback
     ranged, finite_float     argparse types: range checks, and no nan or inf in any float flag

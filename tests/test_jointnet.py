@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import diffusion
 import jointnet
 import jointnet_eval
 import metrics
 import runlib
 import sample
+import shapes
 import train
 from dit import build_dit
 from jointnet import JointNet
@@ -373,7 +373,7 @@ def test_stage1_trains_the_dense_branch_and_keeps_the_rgb_branch_bit_identical(r
 
 
 def test_heldout_data_feeds_the_logged_rgb_loss(rgb_run, tmp_path):
-    items = [data.Shapes(16, "test", seed=7)[i] for i in range(6)]
+    items = [shapes.Shapes(16, "test", seed=7)[i] for i in range(6)]
     arrays = {k: torch.stack([it[k] for it in items]).numpy() for k in ("image", "depth", "label")}
     np.savez(tmp_path / "held.npz", **arrays)
     run = tmp_path / "de"

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import metrics  # noqa: E402
+import shapes  # noqa: E402
 
 
 
@@ -178,7 +180,6 @@ def test_depth_metrics_against_hand_formula():
     # gt and h both sum to 0 and are orthogonal, so for pred = gt + e h the least-squares fit of gt on pred
     # is b = 0, s = |gt|^2 / (|gt|^2 + e^2 |h|^2) = 0.5 / 0.54. RMSE and AbsRel then follow by hand, with
     # the fixed disparity -> depth map (1/z affine in d: d = -1 -> 1/Z_FAR, d = +1 -> 1/Z_NEAR).
-    import data
     d_gt, h, e = np.array([-0.5, 0.0, 0.5, 0.0]), np.array([1.0, -1.0, 1.0, -1.0]), 0.1
     r = metrics.depth_metrics(torch.tensor(d_gt + e * h).reshape(1, 1, 2, 2), torch.tensor(d_gt).reshape(1, 1, 2, 2),
                               solves=3, frac=1.0)
@@ -188,7 +189,7 @@ def test_depth_metrics_against_hand_formula():
     assert r["rmse"] == pytest.approx(np.sqrt(np.mean((d_hat - d_gt) ** 2)), rel=1e-9)
 
     def z(d):
-        return 1 / ((d + 1) / 2 * (1 / data.Z_NEAR - 1 / data.Z_FAR) + 1 / data.Z_FAR)
+        return 1 / ((d + 1) / 2 * (1 / shapes.Z_NEAR - 1 / shapes.Z_FAR) + 1 / shapes.Z_FAR)
     assert r["abs_rel"] == pytest.approx(np.mean(np.abs(z(d_hat) - z(d_gt)) / z(d_gt)), rel=1e-9)
 
 
@@ -232,7 +233,6 @@ def test_random_features_need_no_labels_or_training(tmp_path, monkeypatch):
 
 
 def test_cli_scores_real_images_against_held_out_ones(tmp_path, capsys):
-    import data
     ds = data.build_dataset("shapes", 16, "train", 0)
     images = np.stack([((ds[i]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for i in range(64)])
     path = tmp_path / "samples.npz"
