@@ -15,6 +15,8 @@ What is here, as small functions over a `Schedule` of float64 tensors:
     q_posterior       mean and variance of q(x_{t-1} | x_t, x0)                     (DDPM Eq. 6-7)
     ddpm_sample       ancestral sampling, full or respaced
     ddim_sample       DDIM with any eta and any number of steps                     (DDIM Eq. 12)
+    sdedit            SDEdit (Meng et al. 2022): noise an image to t0 and denoise it; with a known
+                      part kept, inpainting by replacement
     cfg_model         classifier-free guidance around any model
     diffusion_loss    the training loss for the target chosen by --target eps|x0|v
 
@@ -22,6 +24,8 @@ Conventions: timesteps are integer indices 0..T-1. A sampler that skips steps st
 model the ORIGINAL index, so timestep embeddings and DTR masks see the timestep they were trained
 on. Schedules live in float64; coefficients are cast to the data's dtype only where they are used,
 and the noising math runs in float32 even under autocast.
+
+Imports: nothing of the project (the bottom of the base).
 
 Run `python diffusion.py` to print the schedule at a few timesteps.
 
@@ -240,6 +244,37 @@ def ddim_sample(model_fn, sched, shape, steps=50, eta=0.0, target="eps", clip=Tr
         noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else torch.zeros_like(x)
         x = ddim_step(sched, x, t, t_prev, x0, eps, eta, noise)        # (B, C, H, W)
     return x
+
+
+def sdedit_timesteps(T, steps, t0):
+    """The descending timesteps at or below t0 of a `steps`-step respaced sampler: SDEdit noises its input to
+    the first of them and denoises down the rest."""
+    ts = [i for i in timestep_subset(T, steps).tolist() if i <= t0]
+    if not ts:
+        raise ValueError(f"no sampling step at or below t0 = {t0} with {steps} steps; raise t0 or the steps")
+    return ts
+
+
+@torch.no_grad()
+def sdedit(model_fn, sched, x_in, t0, steps=50, target="eps", eta=0.0, known=None, generator=None):
+    """SDEdit (Meng et al. 2022): noise x_in to t0 and denoise with DDIM (eta) to 0; model_fn(x, t) -> output.
+
+    known (bool, broadcastable to x_in), optional: that part of x_in is kept, replaced before every step by
+    x_in noised to the step's level (one noise draw for all steps) and by x_in itself at the end:
+    inpainting by replacement when t0 = T - 1, a partial edit of the rest otherwise.
+    """
+    ts = sdedit_timesteps(sched.T, steps, t0)
+    randn = lambda: torch.randn(x_in.shape, generator=generator, device=x_in.device)
+    x = q_sample(sched, x_in, torch.full((len(x_in),), ts[0], device=x_in.device, dtype=torch.long), randn())
+    eps_known = randn() if known is not None else None
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        if known is not None:
+            x = torch.where(known, q_sample(sched, x_in, t, eps_known), x)     # (B, C, H, W)
+        x0, eps = split_prediction(sched, x, t, model_fn(x, t), target, clip=True)
+        noise = randn() if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(sched, x, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
+    return x if known is None else torch.where(known, x_in, x)
 
 
 def respaced_schedule(sched, steps):

@@ -61,16 +61,14 @@ import torch
 import torch.nn as nn
 
 import diffusion
-import minsnr
 import runlib
 import shapes
-from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
+from diffusion import q_sample
 from unet import UNet
 
-SHAPE_KEYS = ("dense_modality",)  # config keys beyond train.ARCH_KEYS that a resume must keep
+SHAPE_KEYS = ("dense_modality",)  # config keys beyond config.ARCH_KEYS that a resume must keep
 # Stage 1 and 2 train different weight sets, so their optimiser states do not fit each other: a resume
 # keeps the stage, and stage 2 starts from a stage-1 checkpoint through --init with a fresh optimiser.
-RESUME_KEYS = ("unfreeze",)
 RESUME_HINTS = {"unfreeze": "start stage 2 as a new run instead: --method jointnet --init RUN/checkpoint.pt "
                             "--unfreeze --out NEW_DIR"}
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
@@ -266,139 +264,6 @@ def rgb_heldout_loss(model, sched, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Samplers: joint, inpainting (Sec. 4.1), SDEdit, tiles (Sec. 4.2)
-
-def _randn(like, generator):
-    return torch.randn(like.shape, generator=generator, device=like.device)
-
-
-def _ddim_update(model_fn, sched, z, t, t_prev, target):
-    x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
-    return ddim_step(sched, z, t, t_prev, x0, eps, 0.0, torch.zeros_like(z))
-
-
-@torch.no_grad()
-def joint_ddim(model_fn, sched, z, ts, target="eps", known=None, mask=None, eta=0.0, generator=None):
-    """DDIM from z (at timestep ts[0]) down the descending original indices ts; model_fn(z, t) -> output.
-
-    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by the known part noised to
-    the step's level, sqrt(ab_t) known + sqrt(1 - ab_t) eps_known, before every step and by `known` itself
-    at the end, so the known part returns unchanged. eps_known is drawn once and kept for every step, as
-    in the authors' inpainting pipeline (a fresh draw per step would make the known channels jump between
-    unrelated noisy versions of themselves). A channel mask gives depth -> RGB or RGB -> depth; a spatial
-    mask inpaints both modalities.
-    """
-    ts = list(ts)
-    eps_known = None if known is None else _randn(known, generator)           # one noise for all steps
-    for i, i_prev in zip(ts, ts[1:] + [-1]):
-        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
-        if known is not None:
-            z = torch.where(mask, q_sample(sched, known, t, eps_known), z)    # (B, C, H, W)
-        x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
-        noise = _randn(z, generator) if eta > 0 else torch.zeros_like(z)
-        z = ddim_step(sched, z, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
-    return z if known is None else torch.where(mask, known, z)
-
-
-def sdedit_timesteps(T, steps, strength):
-    """Descending timesteps of an SDEdit run (Meng et al. 2021): from t0 = strength (T - 1) down to 0."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"the SDEdit strength must be in (0, 1], got {strength}")
-    n = max(1, round(strength * steps))
-    return torch.linspace(round(strength * (T - 1)), 0, n).round().long().unique_consecutive().tolist()
-
-
-@torch.no_grad()
-def sdedit(model_fn, sched, z_init, steps=50, strength=0.4, target="eps", known_mask=None, generator=None):
-    """Noise z_init to t0 = strength (T - 1) and denoise it; the part under known_mask is kept (inpainting)."""
-    ts = sdedit_timesteps(sched.T, steps, strength)
-    t0 = torch.full((z_init.shape[0],), ts[0], device=z_init.device, dtype=torch.long)
-    z = q_sample(sched, z_init, t0, _randn(z_init, generator))                # (B, C, H, W)
-    return joint_ddim(model_fn, sched, z, ts, target, None if known_mask is None else z_init, known_mask,
-                      generator=generator)
-
-
-def tile_starts(L, s, stride, offset=0):
-    """Tile starts along an axis of length L: the grid offset + k stride clamped into [0, L - s], plus both
-    ends. Neighbours are at most stride <= s apart, so every pixel is covered. The tiles at 0 and L - s
-    are always there; only the interior grid moves with the offset."""
-    if L <= s:
-        return [0]
-    return sorted({0, L - s, *(min(p, L - s) for p in range(offset, L - s + stride, stride))})
-
-
-def tile_layout(H, W, s, stride, offset=(0, 0)):
-    """(top, left) of every s x s tile of an H x W canvas."""
-    return [(a, b) for a in tile_starts(H, s, stride, offset[0]) for b in tile_starts(W, s, stride, offset[1])]
-
-
-def tile_ramp(s):
-    """Aggregation weight of a tile's pixels (s, s): linear in each axis, 1/s at the edge pixels, 0 at the
-    tile's outer border (Sec. 4.2's boundary decay; never 0 on a pixel, so edge pixels stay covered)."""
-    r = 1 - (2 * torch.arange(s) + 1 - s).abs() / s                          # (s,)
-    return r[:, None] * r[None, :]
-
-
-@torch.no_grad()
-def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", whole_weight=5.0, whole_frac=0.4,
-               generator=None, device="cpu", x_T=None):
-    """Sec. 4.2: DDIM on a canvas larger than the training size (MultiDiffusion-style averaging).
-
-    Each step every tile takes its own DDIM step and the canvas becomes the tile_ramp-weighted mean of
-    the results. Each step draws one random offset in [0, stride) per axis that shifts the interior tile
-    grid (tile_starts); the tiles at the canvas edges (0 and L - tile) stay where they are. In the first
-    whole_frac of the steps the whole canvas (the convolutional net run on all of it) joins as one more
-    tile of constant weight.
-
-    Where this differs from the authors' panorama pipeline: there the weight of a tile is a trapezoid
-    along x only (a linear ramp over 8 latent pixels at the left and right edges, flat in between and
-    in y), and the random offset is a horizontal shift of the tile grid with circular padding (tiles
-    wrap around the right edge of the panorama).
-    Here the weight is a tent over the whole tile in both axes (tile_ramp) and the canvas does not wrap,
-    which suits canvases that grow in either direction and have no left-right continuity; a pointwise
-    model gives the same result either way (the weights only decide how overlapping predictions mix).
-    """
-    B, C, H, W = shape
-    if not (1 <= stride <= tile <= min(H, W)):
-        raise ValueError(f"tiles need 1 <= stride ({stride}) <= tile ({tile}) <= canvas side ({min(H, W)})")
-    z = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-    ramp = tile_ramp(tile).to(device)
-    ts = timestep_subset(sched.T, steps).tolist()
-    for k, (i, i_prev) in enumerate(zip(ts, ts[1:] + [-1])):
-        t = torch.full((B,), i, device=device, dtype=torch.long)
-        t_prev = torch.full_like(t, i_prev)
-        offset = torch.randint(stride, (2,), generator=generator, device=device).tolist()
-        num, den = torch.zeros_like(z), z.new_zeros(1, 1, H, W)
-        for a, b in tile_layout(H, W, tile, stride, offset):
-            crop = z[..., a:a + tile, b:b + tile]                             # (B, C, tile, tile)
-            num[..., a:a + tile, b:b + tile] += ramp * _ddim_update(model_fn, sched, crop, t, t_prev, target)
-            den[..., a:a + tile, b:b + tile] += ramp
-        if k < whole_frac * len(ts):
-            num += whole_weight * _ddim_update(model_fn, sched, z, t, t_prev, target)
-            den += whole_weight
-        z = num / den                                                          # (B, C, H, W)
-    return z
-
-
-@torch.no_grad()
-def sample_joint(model, sched, cfg, n, steps=50, batch=64, eta=0.0, cfg_scale=1.0, labels=None, generator=None,
-                 device="cpu"):
-    """n joint samples -> (rgb (n, C_x, S, S), dense (n, C_d, S, S)) in [-1, 1]; labels cycle through the
-    classes unless given. bench.py compares the RGB half with the base model's samples (Frechet distance)."""
-    c_x, nc, S = cfg["in_channels"], cfg["num_classes"], cfg["image_size"]
-    out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        y = (labels[i:i + b] if labels is not None else torch.arange(i, i + b) % nc) if nc else None
-        fn = diffusion.cfg_model(model, None if y is None else y.to(device), cfg_scale, nc)
-        shape = (b, c_x + cfg["dense_channels"], S, S)
-        out.append(diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=generator,
-                                         device=device).cpu())
-    z = torch.cat(out)                                                         # (n, C_x + C_d, S, S)
-    return z[:, :c_x], z[:, c_x:]
-
-
-# -----------------------------------------------------------------------------
 # Hooks of the method protocol (methods.py)
 
 def add_args(parser):
@@ -494,15 +359,16 @@ def training_loss(model, batch, sched, cfg, rng):
     y = batch["label"] if cfg["num_classes"] else None
     drop = batch["label_drop"] if cfg["num_classes"] else None  # drawn by the loop at --cfg-drop
     loss, mse_x, mse_d = joint_loss(model, sched, x0, d0, t, batch["noise"], eps_d, y, cfg["target"],
-                                    minsnr.config_weight(sched, t, cfg), drop)
+                                    batch["weight"], drop)
     stats = {"mse": (mse_x + mse_d).detach(), "mse_rgb": mse_x.detach().mean(), "mse_dense": mse_d.detach().mean()}
     return loss, stats
+
+
+def resume_keys(cfg):
+    """The training stage: stage 2 (--unfreeze) is a new run from a stage-1 checkpoint, not a resume."""
+    return ("unfreeze",)
 
 
 def log_values(model, sched, cfg):
     """rgb_heldout for log.jsonl (--rgb-heldout items; 0: off)."""
     return {"rgb_heldout": rgb_heldout_loss(model, sched, cfg)} if cfg["rgb_heldout"] else {}
-
-
-def sample_rows(model, sched, cfg, n, generator, device):
-    return list(sample_joint(model, sched, cfg, n, cfg["sample_steps"], generator=generator, device=device))

@@ -3,10 +3,9 @@ JointNet's sample.py modes and its demo; the model, the loss and the samplers ar
 
     python sample.py --ckpt runs/jn --mode jn-rgb2dense  # or jn-joint, jn-dense2rgb, jn-inpaint, jn-sdedit, jn-tiles
     python jointnet_eval.py                              # output preservation and the joint / base sampling time
-    python jointnet_eval.py --ckpt runs/jn/checkpoint.pt # the same timing for a trained run
+    python sample.py --ckpt runs/jn --mode jn-speed      # the same timing for a trained run
 """
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -15,14 +14,129 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion
-import dtr
 import metrics
 import runlib
-from diffusion import timestep_subset
-from jointnet import JointNet, build_model, dense_map, joint_ddim, sample_joint, sdedit, tiled_ddim
+from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
+from jointnet import JointNet, dense_map
 from unet import build_unet
 
-SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles")
+# -----------------------------------------------------------------------------
+# Samplers: joint, inpainting (Sec. 4.1), SDEdit, tiles (Sec. 4.2)
+
+def _randn(like, generator):
+    return torch.randn(like.shape, generator=generator, device=like.device)
+
+
+def _ddim_update(model_fn, sched, z, t, t_prev, target):
+    x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
+    return ddim_step(sched, z, t, t_prev, x0, eps, 0.0, torch.zeros_like(z))
+
+
+@torch.no_grad()
+def joint_ddim(model_fn, sched, z, ts, target="eps", known=None, mask=None, eta=0.0, generator=None):
+    """DDIM from z (at timestep ts[0]) down the descending original indices ts; model_fn(z, t) -> output.
+
+    Inpainting by replacement (Sec. 4.1): where `mask` is True, z is replaced by the known part noised to
+    the step's level, sqrt(ab_t) known + sqrt(1 - ab_t) eps_known, before every step and by `known` itself
+    at the end, so the known part returns unchanged. eps_known is drawn once and kept for every step, as
+    in the authors' inpainting pipeline (a fresh draw per step would make the known channels jump between
+    unrelated noisy versions of themselves). A channel mask gives depth -> RGB or RGB -> depth; a spatial
+    mask inpaints both modalities.
+    """
+    ts = list(ts)
+    eps_known = None if known is None else _randn(known, generator)           # one noise for all steps
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        t = torch.full((z.shape[0],), i, device=z.device, dtype=torch.long)
+        if known is not None:
+            z = torch.where(mask, q_sample(sched, known, t, eps_known), z)    # (B, C, H, W)
+        x0, eps = split_prediction(sched, z, t, model_fn(z, t), target, clip=True)
+        noise = _randn(z, generator) if eta > 0 else torch.zeros_like(z)
+        z = ddim_step(sched, z, t, torch.full_like(t, i_prev), x0, eps, eta, noise)
+    return z if known is None else torch.where(mask, known, z)
+
+
+def tile_starts(L, s, stride, offset=0):
+    """Tile starts along an axis of length L: the grid offset + k stride clamped into [0, L - s], plus both
+    ends. Neighbours are at most stride <= s apart, so every pixel is covered. The tiles at 0 and L - s
+    are always there; only the interior grid moves with the offset."""
+    if L <= s:
+        return [0]
+    return sorted({0, L - s, *(min(p, L - s) for p in range(offset, L - s + stride, stride))})
+
+
+def tile_layout(H, W, s, stride, offset=(0, 0)):
+    """(top, left) of every s x s tile of an H x W canvas."""
+    return [(a, b) for a in tile_starts(H, s, stride, offset[0]) for b in tile_starts(W, s, stride, offset[1])]
+
+
+def tile_ramp(s):
+    """Aggregation weight of a tile's pixels (s, s): linear in each axis, 1/s at the edge pixels, 0 at the
+    tile's outer border (Sec. 4.2's boundary decay; never 0 on a pixel, so edge pixels stay covered)."""
+    r = 1 - (2 * torch.arange(s) + 1 - s).abs() / s                          # (s,)
+    return r[:, None] * r[None, :]
+
+
+@torch.no_grad()
+def tiled_ddim(model_fn, sched, shape, tile, stride, steps=50, target="eps", whole_weight=5.0, whole_frac=0.4,
+               generator=None, device="cpu", x_T=None):
+    """Sec. 4.2: DDIM on a canvas larger than the training size (MultiDiffusion-style averaging).
+
+    Each step every tile takes its own DDIM step and the canvas becomes the tile_ramp-weighted mean of
+    the results. Each step draws one random offset in [0, stride) per axis that shifts the interior tile
+    grid (tile_starts); the tiles at the canvas edges (0 and L - tile) stay where they are. In the first
+    whole_frac of the steps the whole canvas (the convolutional net run on all of it) joins as one more
+    tile of constant weight.
+
+    Where this differs from the authors' panorama pipeline: there the weight of a tile is a trapezoid
+    along x only (a linear ramp over 8 latent pixels at the left and right edges, flat in between and
+    in y), and the random offset is a horizontal shift of the tile grid with circular padding (tiles
+    wrap around the right edge of the panorama).
+    Here the weight is a tent over the whole tile in both axes (tile_ramp) and the canvas does not wrap,
+    which suits canvases that grow in either direction and have no left-right continuity; a pointwise
+    model gives the same result either way (the weights only decide how overlapping predictions mix).
+    """
+    B, C, H, W = shape
+    if not (1 <= stride <= tile <= min(H, W)):
+        raise ValueError(f"tiles need 1 <= stride ({stride}) <= tile ({tile}) <= canvas side ({min(H, W)})")
+    z = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+    ramp = tile_ramp(tile).to(device)
+    ts = timestep_subset(sched.T, steps).tolist()
+    for k, (i, i_prev) in enumerate(zip(ts, ts[1:] + [-1])):
+        t = torch.full((B,), i, device=device, dtype=torch.long)
+        t_prev = torch.full_like(t, i_prev)
+        offset = torch.randint(stride, (2,), generator=generator, device=device).tolist()
+        num, den = torch.zeros_like(z), z.new_zeros(1, 1, H, W)
+        for a, b in tile_layout(H, W, tile, stride, offset):
+            crop = z[..., a:a + tile, b:b + tile]                             # (B, C, tile, tile)
+            num[..., a:a + tile, b:b + tile] += ramp * _ddim_update(model_fn, sched, crop, t, t_prev, target)
+            den[..., a:a + tile, b:b + tile] += ramp
+        if k < whole_frac * len(ts):
+            num += whole_weight * _ddim_update(model_fn, sched, z, t, t_prev, target)
+            den += whole_weight
+        z = num / den                                                          # (B, C, H, W)
+    return z
+
+
+@torch.no_grad()
+def sample_joint(model, sched, cfg, n, steps=50, batch=64, eta=0.0, cfg_scale=1.0, labels=None, generator=None,
+                 device="cpu"):
+    """n joint samples -> (rgb (n, C_x, S, S), dense (n, C_d, S, S)) in [-1, 1]; labels cycle through the
+    classes unless given. bench.py compares the RGB half with the base model's samples (Frechet distance)."""
+    c_x, nc, S = cfg["in_channels"], cfg["num_classes"], cfg["image_size"]
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        y = (labels[i:i + b] if labels is not None else torch.arange(i, i + b) % nc) if nc else None
+        fn = diffusion.cfg_model(model, None if y is None else y.to(device), cfg_scale, nc)
+        shape = (b, c_x + cfg["dense_channels"], S, S)
+        out.append(diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=generator,
+                                         device=device).cpu())
+    z = torch.cat(out)                                                         # (n, C_x + C_d, S, S)
+    return z[:, :c_x], z[:, c_x:]
+
+
+
+SAMPLE_MODES = ("jn-joint", "jn-rgb2dense", "jn-dense2rgb", "jn-inpaint", "jn-sdedit", "jn-tiles", "jn-speed")
 
 
 def add_sample_args(parser):
@@ -64,8 +178,10 @@ def sample_conditional(mode, model, sched, cfg, args, g, device):
         if f < 1 or S % f:
             raise ValueError(f"--jn-lowres {f} must be a positive divisor of the image size {S}")
         estimates["low-res input"] = F.interpolate(F.avg_pool2d(d0, f), scale_factor=f, mode="nearest")
-        z = sdedit(fn, sched, torch.cat([x0, estimates["low-res input"]], 1), steps, args.jn_strength,
-                   cfg["target"], known, g)
+        if not 0 < args.jn_strength <= 1:
+            raise ValueError(f"--jn-strength must be in (0, 1], got {args.jn_strength}")
+        z = diffusion.sdedit(fn, sched, torch.cat([x0, estimates["low-res input"]], 1),
+                             round(args.jn_strength * (sched.T - 1)), steps, cfg["target"], known=known, generator=g)
         rows = [x0, estimates["low-res input"], z[:, c_x:], d0]
     else:
         z = joint_ddim(fn, sched, torch.randn(z0.shape, generator=g, device=device),
@@ -86,6 +202,10 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
     if cfg["method"] not in ("jointnet", "direct_extend"):
         raise ValueError(f"--mode {mode} needs a jointnet or direct_extend run, not a {cfg['method']} run")
     g = torch.Generator(device).manual_seed(args.seed)
+    if mode == "jn-speed":
+        if not isinstance(model, JointNet):
+            raise ValueError(f"--mode jn-speed compares JointNet's two branches with its base; {cfg['method']} has one")
+        return speed_report(model, sched, cfg, args.batch, args.steps or 20, 3)
     if mode == "jn-tiles":
         return sample_tiles(model, sched, cfg, args, out, g, device)
     if mode == "jn-joint":
@@ -100,36 +220,18 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
     print(f"wrote {len(rgb)} {mode} samples to {out}.npz and a grid to {out}.png")
 
 
-# -----------------------------------------------------------------------------
-# Demo: output preservation and the sampling-time ratio
+def sample_rows(model, sched, cfg, n, generator, device):
+    return list(sample_joint(model, sched, cfg, n, cfg["sample_steps"], generator=generator, device=device))
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="JointNet output preservation and joint / base sampling time.")
-    p.add_argument("--ckpt", help="a trained jointnet run (default: a randomly perturbed unet-cpu)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    if args.ckpt:
-        model, cfg, sched = runlib.load_run(args.ckpt, lambda c: dtr.route(build_model(c), c))
-        if not isinstance(model, JointNet):
-            sys.exit(f"error: {args.ckpt} is a {cfg['method']} run; pass a jointnet run")
-    else:
-        cfg = dict(image_size=32, num_classes=4, in_channels=3, dense_channels=1, target="eps")
-        base = build_unet("unet-cpu", 3, num_classes=4)
-        with torch.no_grad():  # a stand-in for pretrained weights: every zero-initialised layer moved off zero
-            for p_ in base.parameters():
-                p_.add_(0.05 * torch.randn_like(p_))
-        model, sched = JointNet(base, 1).eval(), diffusion.Schedule.make("linear")
-    base, S, B = model.base, cfg["image_size"], args.batch
+
+# -----------------------------------------------------------------------------
+# Output preservation and the sampling-time ratio
+
+def speed_report(model, sched, cfg, B, steps, repeats):
+    """Print FLOPs of one forward and DDIM sampling time of the joint model against its base branch."""
+    base, S = model.base, cfg["image_size"]
     z, t = torch.randn(B, model.c_x + model.c_d, S, S), torch.randint(0, sched.T, (B,))
     y = torch.arange(B) % cfg["num_classes"] if cfg["num_classes"] else None
-    if not args.ckpt:
-        with torch.no_grad():
-            same = torch.equal(model(z, t, y)[:, :model.c_x], base(z[:, :model.c_x], t, y))
-        print(f"at initialisation the RGB output equals the base model's bit for bit: {same}")
-
     flops = []
     for net, inp in ((base, z[:, :model.c_x]), (model, z)):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -139,13 +241,34 @@ def main(argv=None):
 
     def sample_time(net, c):
         t0 = time.perf_counter()
-        diffusion.ddim_sample(lambda x, t: net(x, t, y), sched, (B, c, S, S), args.steps)
+        diffusion.ddim_sample(lambda x, t: net(x, t, y), sched, (B, c, S, S), steps)
         return time.perf_counter() - t0
     # Interleaved repeats, best of each: a busy machine slows both alike.
-    times = [(sample_time(base, model.c_x), sample_time(model, model.c_x + model.c_d)) for _ in range(args.repeats)]
+    times = [(sample_time(base, model.c_x), sample_time(model, model.c_x + model.c_d)) for _ in range(repeats)]
     t_base, t_joint = min(t[0] for t in times), min(t[1] for t in times)
-    print(f"DDIM-{args.steps}, batch {B}, {S}px, {torch.get_num_threads()} threads: base {t_base:.3f} s, "
+    print(f"DDIM-{steps}, batch {B}, {S}px, {torch.get_num_threads()} threads: base {t_base:.3f} s, "
           f"joint {t_joint:.3f} s, ratio {t_joint / t_base:.2f}x (two branches: about 2x)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="JointNet output preservation and joint / base sampling time on a "
+                                "randomly perturbed unet-cpu; for a trained run: sample.py --ckpt RUN --mode jn-speed")
+    p.add_argument("--batch", type=runlib.ranged(int, 1), default=16)
+    p.add_argument("--steps", type=runlib.ranged(int, 1, 1000), default=20)
+    p.add_argument("--repeats", type=runlib.ranged(int, 1), default=3)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, num_classes=4, in_channels=3, dense_channels=1, target="eps")
+    base = build_unet("unet-cpu", 3, num_classes=4)
+    with torch.no_grad():  # a stand-in for pretrained weights: every zero-initialised layer moved off zero
+        for p_ in base.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+    model, sched, B, S = JointNet(base, 1).eval(), diffusion.Schedule.make("linear"), args.batch, cfg["image_size"]
+    z, t, y = torch.randn(B, 4, S, S), torch.randint(0, sched.T, (B,)), torch.arange(B) % 4
+    with torch.no_grad():
+        same = torch.equal(model(z, t, y)[:, :model.c_x], base(z[:, :model.c_x], t, y))
+    print(f"at initialisation the RGB output equals the base model's bit for bit: {same}")
+    speed_report(model, sched, cfg, B, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

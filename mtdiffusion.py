@@ -21,7 +21,7 @@ One identity carries the file: for fixed X, y_t = z_t - at_t E(X) is exactly the
 y_t = sqrt(a_t) y_{t-1} + sqrt(1 - a_t) eps (substitute Eq. 3; at_t / sqrt(a_t) - at_{t-1} = w_t). The
 sampler takes DDPM/DDIM steps on y and adds the shift back; Algorithm 1's line 12 is one such step.
 
-Task weights (--mt-weights; `python mtdiffusion.py --schedules` prints the table):
+Task weights (--mt-weights; `python mtdiffusion_eval.py --schedules` prints the table):
     paper  w_t = t / (T - t) (App. E, 0-based t)       const  w_t = c
     ramp   at_t = c sqrt(ab_t) (t + 1) / T             sigma  at_t = c sqrt(ab_t) sqrt(1 - ab_t)   (default)
 With |z_0| = |E| = 1 per dimension (linear schedule, T = 1000), L_0 is 1.0e7 nats per dimension for
@@ -32,7 +32,8 @@ conditioning can see it, while w_t stays small at small t as the paper wants.
 
     python train.py --method mtdiff --task masked --out runs/mt
     python sample.py --ckpt runs/mt --mode mt-restore        # Table 1 and the Fig. 5 triplets
-The sample.py modes (restoration, label accuracy, translation) live in mtdiffusion_eval.py.
+The sample.py modes (restoration, label accuracy, translation), the grid rows and the schedule table
+live in mtdiffusion_eval.py. Imports: the base only (diffusion.py, unet.py, dit.py, shapes.py, runlib.py).
 
 Differences from the paper:
     - label codes E(y) are fixed random codes (one Gaussian image per class, centred over the classes,
@@ -56,13 +57,10 @@ Differences from the paper:
       forward-noised known pixels at every step.
     - no LPIPS: restoration is scored by MSE; the E label head is a small CNN, not ADM's classifier.
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import minsnr
 import runlib
 import shapes
 from diffusion import Schedule, ddim_step, extract, q_sample, split_prediction, timestep_subset, training_target
@@ -286,11 +284,6 @@ class MTDiffusion(nn.Module):
         return head.float().clamp(-1, 1) if self.task == "masked" else head.float().softmax(1)
 
 
-def read_modality(model, x0):
-    """p_theta(x | z_0) on a given clean image at t = 0 with x unknown: the head as classifier or segmenter."""
-    return model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device))[1]
-
-
 def head_loss(task, head, x):
     """Per-sample KL(q(x) || p_theta(x | z_t)) of Eq. 6 up to a constant: cross-entropy for labels and
     maps (per pixel), MSE for images (a Gaussian head)."""
@@ -316,7 +309,7 @@ def mt_loss(model, sched, x0, x, t, eps, unknown, target="eps", lam=0.1, weight=
 
     x0 (B, C, H, W) images; x the second modality (masked image, labels (B,) or maps (B, H, W));
     t (B,), eps (B, C, H, W); unknown (B,) 0/1: rows trained with x unknown (E(x) = 0, the single-task
-    model); weight (B,) an optional per-sample weight of the diffusion term (minsnr.config_weight).
+    model); weight (B,) an optional per-sample weight of the diffusion term (the loop's batch["weight"]).
     head_rows: the count the head loss is averaged over, by default the rows here that train the head.
     A batch split over ranks passes (global count) x (this rank's share of the batch), so that the mean
     of the ranks' losses, which DDP's gradient averaging takes, is the whole batch's loss.
@@ -331,14 +324,6 @@ def mt_loss(model, sched, x0, x, t, eps, unknown, target="eps", lam=0.1, weight=
     n = rows.sum().clamp(min=1) if head_rows is None else head_rows
     l_x = (head_loss(model.task, head, x) * rows).sum() / n
     return (w * mse).mean() + lam * l_x, mse, l_x, head
-
-
-def sdedit_start(T, steps, t0):
-    """The first timestep of a `steps`-step respaced sampler at or below t0: where SDEdit starts (and noises to)."""
-    ts = [i for i in timestep_subset(T, steps).tolist() if i <= t0]
-    if not ts:
-        raise ValueError(f"no sampling step at or below t0 = {t0} with {steps} steps; raise the strength or the steps")
-    return ts[0]
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +368,11 @@ def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=Non
 # Hooks of the method protocol (methods.py)
 
 SHAPE_KEYS = ("task", "mt_variant", "mt_head")  # config keys that change the network: a resume must keep them
+
+
+def resume_keys(cfg):
+    """The forward process (task weights) and the loss: changing one on --resume would change the experiment."""
+    return ("mt_weights", "mt_scale", "mt_lambda", "mt_drop")
 
 
 def add_args(p):
@@ -436,52 +426,10 @@ def training_loss(model, batch, sched, cfg, rng):
     unknown = rng.local(u).float()                                                # (B,) this rank's
     head_rows = (int(u.sum()) if model.variant == "X" else rng.batch_size) * len(x0) / rng.batch_size
     loss, mse, l_x, head = mt_loss(model, sched, x0, x, batch["t"], batch["noise"], unknown, cfg["target"],
-                                   cfg["mt_lambda"], minsnr.config_weight(sched, batch["t"], cfg),
+                                   cfg["mt_lambda"], batch["weight"],
                                    max(head_rows, len(x0) / rng.batch_size))
     stats = {"mse": mse.detach(), "head": l_x.detach()}
     if cfg["task"] != "masked":  # on the rows without E(x) in z_t: reading x from the image
         hit = (head.argmax(1) == x).float().view(len(x), -1).mean(1)
         stats["acc"] = (hit * unknown).sum() / unknown.sum().clamp(min=1)
     return loss, stats
-
-
-def show(model, x):
-    """Grid rows that draw a modality: the masked image, a map in its class colours; labels draw nothing."""
-    if model.task == "label":
-        return []
-    return [x if model.task == "masked" else model.encode(x.argmax(1) if x.is_floating_point() else x)]
-
-
-def sample_rows(model, sched, cfg, n, generator, device):
-    """Joint generation from scratch (Algorithm 1): images, and the estimated modality where it is drawable."""
-    shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    z, x = mt_sample(model, sched, shape, cfg["sample_steps"], target=cfg["target"], generator=generator, device=device)
-    return [z] + show(model, x)
-
-
-# -----------------------------------------------------------------------------
-
-def print_schedules(noise="linear", T=1000, scale=1.0):
-    """The prior mismatch L_0 of every task-weight schedule, with |z_0| = |E| = 1 per dimension."""
-    sched, one = Schedule.make(noise, T), torch.ones(1, 1)
-    print(f"{noise} noise schedule, T = {T}, c = {scale}, |z_0| = |E| = 1 per dimension")
-    print(f"{'weights':8s} {'max w_t':>10s} {'at_T':>10s} {'L_0 / dim':>10s} {'L_0 3x32x32':>12s} {'mean SNR_E':>11s}")
-    for name in WEIGHTS:
-        w = task_weights(name, sched, scale)
-        at = aggregation_coefs(sched.alphas, w)
-        kl = prior_kl(sched, at, one, one).item()
-        snr_e = (at.pow(2) / (1 - sched.alpha_bar)).mean().item()   # the modality's SNR in z_t, mean over t
-        print(f"{name:8s} {w.max().item():10.3g} {at[-1].item():10.3g} {kl:10.3g} {3072 * kl:12.3g} {snr_e:11.3g}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
-    parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
-    parser.add_argument("--T", type=int, default=1000)
-    parser.add_argument("--scale", type=runlib.ranged(float, 0), default=1.0)
-    args = parser.parse_args()
-    if not args.schedules:
-        parser.print_help()
-    else:
-        print_schedules(args.noise, args.T, args.scale)

@@ -6,7 +6,12 @@ and translation (Table 4). The math, the model and the loss are in mtdiffusion.p
     python sample.py --ckpt runs/mtl --mode mt-label      # label: the head against a supervised classifier
     python sample.py --ckpt runs/mtt --mode mt-translate  # translate: map from image, image from map
     python sample.py --ckpt runs/mt --mode mt-joint       # generation from scratch (Algorithm 1)
+    python mtdiffusion_eval.py --schedules                # the prior mismatch of every task-weight schedule
+
+Also the method's grid rows (sample_rows, a hook of methods.py). Imports: mtdiffusion.py, the base and
+metrics.py.
 """
+import argparse
 import copy
 
 import torch
@@ -15,8 +20,9 @@ import torch.nn.functional as F
 import data
 import metrics
 import runlib
-from diffusion import Schedule, q_sample
-from mtdiffusion import build_model, mt_sample, patch_mask, q_sample_mt, read_modality, sdedit_start, show
+from diffusion import Schedule, q_sample, sdedit_timesteps
+from mtdiffusion import (WEIGHTS, aggregation_coefs, build_model, mt_sample, patch_mask, prior_kl, q_sample_mt,
+                         task_weights)
 
 SAMPLE_MODES = ("mt-joint", "mt-restore", "mt-label", "mt-translate")
 
@@ -73,7 +79,7 @@ def restore_table(model, sched, sample, x0, args, out):
     t0 is the first step of the --steps sampler at or below --mt-sdedit (T - 1): the input is noised to
     exactly the level the sampler starts from."""
     B, g = args.batch, torch.Generator().manual_seed(args.seed)
-    t0 = sdedit_start(sched.T, args.steps or 50, int(args.mt_sdedit * (sched.T - 1)))
+    t0 = sdedit_timesteps(sched.T, args.steps or 50, int(args.mt_sdedit * (sched.T - 1)))[0]
     print(f"restoration of {len(x0)} held-out images: MSE in the masked region / change in the unmasked region")
     for m in args.mt_patches:
         M = patch_mask(torch.full((len(x0),), m), x0.shape[-1], g).to(x0)              # (N, 1, S, S)
@@ -141,3 +147,48 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
         label_accuracy(model, cfg, b["image"], b["label"], args, device)
     else:
         translate_table(model, sample, b["image"], b["seg"], cfg["seg_classes"], args, out)
+
+
+def read_modality(model, x0):
+    """p_theta(x | z_0) on a given clean image at t = 0 with x unknown: the head as classifier or segmenter."""
+    return model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device))[1]
+
+
+def show(model, x):
+    """Grid rows that draw a modality: the masked image, a map in its class colours; labels draw nothing."""
+    if model.task == "label":
+        return []
+    return [x if model.task == "masked" else model.encode(x.argmax(1) if x.is_floating_point() else x)]
+
+
+def sample_rows(model, sched, cfg, n, generator, device):
+    """Joint generation from scratch (Algorithm 1): images, and the estimated modality where it is drawable."""
+    shape = (n, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    z, x = mt_sample(model, sched, shape, cfg["sample_steps"], target=cfg["target"], generator=generator, device=device)
+    return [z] + show(model, x)
+
+
+def print_schedules(noise="linear", T=1000, scale=1.0):
+    """The prior mismatch L_0 of every task-weight schedule, with |z_0| = |E| = 1 per dimension."""
+    sched, one = Schedule.make(noise, T), torch.ones(1, 1)
+    print(f"{noise} noise schedule, T = {T}, c = {scale}, |z_0| = |E| = 1 per dimension")
+    print(f"{'weights':8s} {'max w_t':>10s} {'at_T':>10s} {'L_0 / dim':>10s} {'L_0 3x32x32':>12s} {'mean SNR_E':>11s}")
+    for name in WEIGHTS:
+        w = task_weights(name, sched, scale)
+        at = aggregation_coefs(sched.alphas, w)
+        kl = prior_kl(sched, at, one, one).item()
+        snr_e = (at.pow(2) / (1 - sched.alpha_bar)).mean().item()   # the modality's SNR in z_t, mean over t
+        print(f"{name:8s} {w.max().item():10.3g} {at[-1].item():10.3g} {kl:10.3g} {3072 * kl:12.3g} {snr_e:11.3g}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
+    parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
+    parser.add_argument("--T", type=int, default=1000)
+    parser.add_argument("--scale", type=runlib.ranged(float, 0), default=1.0)
+    args = parser.parse_args()
+    if not args.schedules:
+        parser.print_help()
+    else:
+        print_schedules(args.noise, args.T, args.scale)

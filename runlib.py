@@ -14,6 +14,7 @@ dit.py: paper files import it, it imports no paper file, and nothing here knows 
     build_backbone           the UNet or DiT of a config
     held_out_items           the first n items of a run's held-out split
     ResumableBatches, update_ema, StepRandom    the loop's data order, EMA and per-step random draws
+    cpu_threads, set_cpu_threads                 torch threads per process on a CPU, and the oversubscription note
     to_uint8, save_grid, labels_for             images out
 """
 import argparse
@@ -160,6 +161,56 @@ class ResumableBatches(torch.utils.data.Sampler):
                 batch = perm[j * self.B:(j + 1) * self.B]
                 yield batch[self.rank * b:(self.rank + 1) * b].tolist()
                 k += 1
+
+
+# -----------------------------------------------------------------------------
+# CPU threads: each process takes its share of the cores
+
+def cpu_threads(cores, local_world, omp_num_threads=None):
+    """Torch threads for each of local_world processes sharing `cores` CPU cores: OMP_NUM_THREADS when the
+    user set it, else an equal share. torch's default, every core in every process, oversubscribes the
+    cores local_world times over, and a step then runs many times slower than with its share."""
+    if omp_num_threads:
+        return max(1, int(omp_num_threads))
+    return max(1, cores // max(1, local_world))
+
+
+def oversubscribed(cores, local_world, threads, load):
+    """One line saying that the cores are oversubscribed and what to set, or None when they are not.
+    load: the 1-minute load average before training starts (other jobs on the machine)."""
+    if local_world * threads > cores:
+        return (f"note: {local_world} process(es) x {threads} torch thread(s) oversubscribe the {cores} CPU cores; "
+                f"set OMP_NUM_THREADS={max(1, cores // local_world)}")
+    if load + local_world * threads > cores + 1:  # at least one other busy process (the load decays slowly)
+        free = max(1, int(cores - load) // local_world)
+        what = f"set OMP_NUM_THREADS={free}" if free < threads else "steps run slower until the other jobs finish"
+        return (f"note: the load average {load:.1f} of other jobs plus {local_world} x {threads} torch thread(s) "
+                f"oversubscribe the {cores} CPU cores; {what}")
+    return None
+
+
+def user_omp_threads():
+    """OMP_NUM_THREADS as the user set it, or None. torchrun sets it to 1 for its workers when the user did
+    not; its own starting environment, which that assignment does not change, tells the two apart."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value and "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+                if not any(e.startswith(b"OMP_NUM_THREADS=") for e in f.read().split(b"\0")):
+                    return None
+        except OSError:  # not Linux: trust the variable
+            pass
+    return value
+
+
+def set_cpu_threads(ddp, master):
+    """Under torchrun on a CPU, each process takes its share of the cores; warn once when they are oversubscribed."""
+    cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ddp:
+        torch.set_num_threads(cpu_threads(cores, local_world, user_omp_threads()))
+    note = oversubscribed(cores, local_world, torch.get_num_threads(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    if note and master:
+        print(note)
 
 
 @torch.no_grad()

@@ -57,6 +57,10 @@ def generate(model, sched, cfg, args, n, offset, generator, device):
 
 
 def get_parser():
+    try:  # a misspelt hook is refused here, before any flag is read
+        methods.check_registry()
+    except TypeError as e:
+        raise SystemExit(f"error: {e}") from None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint.pt written by train.py, or its run folder")

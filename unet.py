@@ -24,11 +24,13 @@ Hooks other files use:
                   does: skip(x) + F(m * x), C = the block's input width. Where the ResBlock changes
                   the width, Eq. 3's (1 - m) x term has no counterpart, so the skip conv takes x unmasked.
       The DTR paper's App. A says only that the mask sits "right after the group normalization layer"
-      in both ADM block types, to spare the normalisation statistics; it does not say which of the
-      ResBlock's two GroupNorms, and no ADM code with DTR is public. The attention block's only
-      GroupNorm is its first layer, which makes App. A there nearly Eq. 3's input masking. "hidden"
-      is one reading for the ResBlock (the norm nearest the routed output layer, statistics of the
-      unmasked features); "input" follows Eq. 3 literally (the first GroupNorm then sees masked input).
+      in both ADM block types, to spare the normalisation statistics, and its ADM code is not public.
+      In a reply on the official repository (github.com/byeongjun-park/DTR, issue 1, 2025-07-22) the
+      first author describes it: for ADM the routing module sits between every GroupNorm and the
+      subsequent zero_module, i.e. "hidden" (the norm before the zero-initialised output layer, on the
+      statistics of the unmasked features). The attention block's only GroupNorm is its first layer,
+      which makes it there nearly Eq. 3's input masking. "input" follows Eq. 3 literally (the first
+      GroupNorm then sees masked input).
     - features (mtdiffusion.py, jointnet.py): `embed`, `conv_in`, `encode` (down stages and middle ->
       the skip tensors and the middle output), `decode` (up stages), `out`; `forward(...,
       return_features=True)` also returns {"mid": middle output, "last": the features before `out`}.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import runlib
 import train
 import unet
 
@@ -40,28 +41,28 @@ def test_a_compiled_run_trains_and_resumes_bit_identically(tmp_path, monkeypatch
     (16, 1, None, 16), (16, 4, None, 4), (16, 3, None, 5), (2, 4, None, 1), (1, 1, None, 1),
     (16, 4, "2", 2), (16, 4, "0", 1)])
 def test_each_local_process_takes_its_share_of_the_cores(cores, local_world, omp, threads):
-    assert train.cpu_threads(cores, local_world, omp) == threads
+    assert runlib.cpu_threads(cores, local_world, omp) == threads
 
 
 def test_an_oversubscribed_machine_is_named_with_what_to_set():
-    assert train.oversubscribed(8, 2, 4, load=0.1) is None
-    assert "OMP_NUM_THREADS=4" in train.oversubscribed(8, 2, 8, load=0.1)     # 2 x 8 threads on 8 cores
-    assert "OMP_NUM_THREADS=2" in train.oversubscribed(8, 2, 4, load=4.0)     # other jobs hold half the machine
-    assert "load average 3.0" in train.oversubscribed(2, 1, 1, load=3.0)
-    assert train.oversubscribed(2, 2, 1, load=0.0) is None
+    assert runlib.oversubscribed(8, 2, 4, load=0.1) is None
+    assert "OMP_NUM_THREADS=4" in runlib.oversubscribed(8, 2, 8, load=0.1)     # 2 x 8 threads on 8 cores
+    assert "OMP_NUM_THREADS=2" in runlib.oversubscribed(8, 2, 4, load=4.0)     # other jobs hold half the machine
+    assert "load average 3.0" in runlib.oversubscribed(2, 1, 1, load=3.0)
+    assert runlib.oversubscribed(2, 2, 1, load=0.0) is None
 
 
 def test_omp_num_threads_set_by_the_user_is_kept(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert train.user_omp_threads() == "3" and train.cpu_threads(16, 2, train.user_omp_threads()) == 3
+    assert runlib.user_omp_threads() == "3" and runlib.cpu_threads(16, 2, runlib.user_omp_threads()) == 3
 
 
 def test_torchrun_workers_tell_its_default_omp_num_threads_from_the_users(tmp_path):
     # torchrun sets OMP_NUM_THREADS=1 for its workers when the user did not: that 1 is not the user's choice.
     script = tmp_path / "threads.py"
-    script.write_text("import os, sys\nsys.path.insert(0, %r)\nimport train\n"
-                      "print('THREADS', train.user_omp_threads(), os.environ.get('OMP_NUM_THREADS'))\n" % ROOT)
+    script.write_text("import os, sys\nsys.path.insert(0, %r)\nimport runlib\n"
+                      "print('THREADS', runlib.user_omp_threads(), os.environ.get('OMP_NUM_THREADS'))\n" % ROOT)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                        capture_output=True, text=True, env=env, timeout=300)

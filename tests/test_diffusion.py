@@ -161,3 +161,29 @@ def test_diffusion_loss_weights_and_targets(sched):
         D.diffusion_loss(model, sched, x0, t, "score", noise=eps)
     with pytest.raises(ValueError, match="sampling steps"):
         D.timestep_subset(1000, 0)
+
+
+def test_sdedit_starts_at_the_respaced_step_below_t0_and_keeps_the_known_part(sched):
+    # A 10-step sampler visits 999, 888, ..., 444, ...: SDEdit at t0 = 499 noises to 444 and continues from there.
+    assert D.sdedit_timesteps(1000, 10, 499) == [444, 333, 222, 111, 0] and D.sdedit_timesteps(1000, 50, 999)[0] == 999
+    with pytest.raises(ValueError, match="no sampling step"):
+        D.sdedit_timesteps(1000, 2, -1)
+    seen = []
+    def record(x, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+    x_in = torch.rand(2, 3, 4, 4) * 2 - 1
+    D.sdedit(record, sched, x_in, 499, 10, generator=torch.Generator().manual_seed(0))
+    assert seen == [444, 333, 222, 111, 0]
+    # The oracle eps of a point mass at x_ref: DDIM from any noised copy of x_ref returns x_ref (DDIM Eq. 12
+    # with the exact eps is exact), and the known part equals x_in wherever it is kept.
+    x_ref = x_in.clone()
+    oracle = lambda x, t: (x - D.extract(sched.alpha_bar, t, x).sqrt().float() * x_ref) / \
+        (1 - D.extract(sched.alpha_bar, t, x)).sqrt().float()
+    out = D.sdedit(oracle, sched, x_in, 700, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, x_ref, atol=1e-4)
+    known = torch.zeros_like(x_in, dtype=torch.bool)
+    known[:, :1] = True
+    edited = D.sdedit(lambda x, t: torch.zeros_like(x), sched, x_in, 999, 5, known=known,
+                      generator=torch.Generator().manual_seed(2))
+    assert torch.equal(edited[:, :1], x_in[:, :1]) and not torch.equal(edited[:, 1:], x_in[:, 1:])

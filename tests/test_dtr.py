@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from scipy.stats import hypergeom
 
 import dtr
+import dtr_eval
 from diffusion import Schedule, ddim_sample, ddpm_sample, timestep_subset
 from dit import DiTBlock, build_dit
 from unet import AttentionBlock, ResBlock, UNet
@@ -132,8 +133,8 @@ def test_expected_shared_channels_is_the_hypergeometric_mean():
     for C, alpha in [(64, 0.8), (20, 0.5), (1152, 0.8), (7, 0.3)]:
         n = math.floor(alpha * C)
         pmf_mean = sum(k * math.comb(n, k) * math.comb(C - n, n - k) for k in range(n + 1)) / math.comb(C, n)
-        assert dtr.expected_shared_channels(C, alpha) == pytest.approx(pmf_mean, rel=1e-12)
-        assert dtr.expected_shared_channels(C, alpha) == pytest.approx(hypergeom(C, n, n).mean(), rel=1e-12)
+        assert dtr_eval.expected_shared_channels(C, alpha) == pytest.approx(pmf_mean, rel=1e-12)
+        assert dtr_eval.expected_shared_channels(C, alpha) == pytest.approx(hypergeom(C, n, n).mean(), rel=1e-12)
 
 
 def test_expected_shared_channels_against_monte_carlo():
@@ -141,7 +142,7 @@ def test_expected_shared_channels_against_monte_carlo():
     m = dtr.random_masks(2 * pairs, C, alpha, torch.Generator().manual_seed(0))
     shared = (m[0::2] * m[1::2]).sum(1)                              # (pairs,) independent draws
     var = hypergeom(C, 10, 10).var()
-    assert abs(shared.mean().item() - dtr.expected_shared_channels(C, alpha)) < 4 * math.sqrt(var / pairs)
+    assert abs(shared.mean().item() - dtr_eval.expected_shared_channels(C, alpha)) < 4 * math.sqrt(var / pairs)
     assert shared.var().item() == pytest.approx(var, rel=0.1)
 
 
@@ -149,10 +150,10 @@ def test_dtr_shared_channels_fall_with_the_gap():
     T, C, alpha = 1000, 64, 0.8
     m, s, n = dtr.dtr_masks(T, C, alpha), dtr.window_start(T, C, alpha), 51
     for t1, t2 in [(0, 0), (0, 999), (500, 900), (990, 999), (700, 701)]:
-        assert dtr.shared_channels(m, t1, t2) == max(0, n - abs(s[t1] - s[t2]).item())
-    from_end = [dtr.shared_channels(m, 999 - g, 999) for g in range(0, 1000, 50)]
+        assert dtr_eval.shared_channels(m, t1, t2) == max(0, n - abs(s[t1] - s[t2]).item())
+    from_end = [dtr_eval.shared_channels(m, 999 - g, 999) for g in range(0, 1000, 50)]
     assert from_end == sorted(from_end, reverse=True) and from_end[0] == n and from_end[-1] < n
-    assert dtr.shared_channels(m, 0, 999) < dtr.expected_shared_channels(C, alpha)
+    assert dtr_eval.shared_channels(m, 0, 999) < dtr_eval.expected_shared_channels(C, alpha)
 
 
 # -----------------------------------------------------------------------------
@@ -323,14 +324,14 @@ def test_linear_cka_properties():
     torch.manual_seed(0)
     X = torch.randn(40, 12)
     Q, _ = torch.linalg.qr(torch.randn(12, 12))
-    assert dtr.linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
-    assert dtr.linear_cka(X, X @ Q) == pytest.approx(1.0, abs=1e-10)  # orthogonal invariance
-    assert dtr.linear_cka(X, 3.7 * X + 2.0) == pytest.approx(1.0, abs=1e-10)  # isotropic scale, shift
+    assert dtr_eval.linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    assert dtr_eval.linear_cka(X, X @ Q) == pytest.approx(1.0, abs=1e-10)  # orthogonal invariance
+    assert dtr_eval.linear_cka(X, 3.7 * X + 2.0) == pytest.approx(1.0, abs=1e-10)  # isotropic scale, shift
     Y = torch.randn(40, 7)
-    assert dtr.linear_cka(X, Y) < 0.5
-    assert dtr.linear_cka(X, X * torch.linspace(0.1, 5, 12)) < 0.99   # not invariant to any linear map
+    assert dtr_eval.linear_cka(X, Y) < 0.5
+    assert dtr_eval.linear_cka(X, X * torch.linspace(0.1, 5, 12)) < 0.99   # not invariant to any linear map
     with pytest.raises(ValueError):
-        dtr.linear_cka(X, Y[:30])
+        dtr_eval.linear_cka(X, Y[:30])
 
 
 def test_linear_cka_feature_and_gram_forms_agree_with_the_definition():
@@ -339,14 +340,14 @@ def test_linear_cka_feature_and_gram_forms_agree_with_the_definition():
         X, Y = torch.randn(n, p).double(), torch.randn(n, p).double() @ torch.randn(p, q).double()
         Xc, Yc = X - X.mean(0), Y - Y.mean(0)
         ref = (Yc.T @ Xc).norm() ** 2 / ((Xc.T @ Xc).norm() * (Yc.T @ Yc).norm())
-        assert dtr.linear_cka(X, Y) == pytest.approx(ref.item(), rel=1e-9)
+        assert dtr_eval.linear_cka(X, Y) == pytest.approx(ref.item(), rel=1e-9)
 
 
 def test_few_rows_of_many_features_bias_cka_towards_one():
     """Why block_features makes one row per pixel/token by default: unrelated (8, 4096) matrices score ~1."""
     torch.manual_seed(0)
-    assert dtr.linear_cka(torch.randn(8, 4096), torch.randn(8, 4096)) > 0.95
-    assert dtr.linear_cka(torch.randn(4096, 8), torch.randn(4096, 8)) < 0.05
+    assert dtr_eval.linear_cka(torch.randn(8, 4096), torch.randn(8, 4096)) > 0.95
+    assert dtr_eval.linear_cka(torch.randn(4096, 8), torch.randn(4096, 8)) < 0.05
 
 
 def test_block_features_and_cka_matrix():
@@ -355,25 +356,25 @@ def test_block_features_and_cka_matrix():
     sched, x0 = Schedule.make("linear", 1000), torch.randn(6, 3, 16, 16)
     nb = len(model.routable_blocks())
     kw = dict(noise=torch.randn(6, 3, 16, 16))
-    f = dtr.block_features(model, x0, [0, 500, 500, 999], [0, nb - 1], sched, **kw)
+    f = dtr_eval.block_features(model, x0, [0, 500, 500, 999], [0, nb - 1], sched, **kw)
     assert f[0].shape == (4, 6 * 16 * 16, 16) and model.training      # one row per pixel, C columns
     assert torch.equal(f[0][1], f[0][2]) and not torch.equal(f[0][0], f[0][3])
-    flat = dtr.block_features(model, x0, [0, 999], [0], sched, per_position=False, **kw)[0]
+    flat = dtr_eval.block_features(model, x0, [0, 999], [0], sched, per_position=False, **kw)[0]
     assert flat.shape == (2, 6, 16 * 16 * 16)
     assert torch.equal(flat[1].reshape(6, 16, 256).transpose(1, 2).reshape(-1, 16), f[0][3])
-    m = dtr.cka_matrix(f[nb - 1])
+    m = dtr_eval.cka_matrix(f[nb - 1])
     assert torch.allclose(m, m.T) and torch.allclose(m.diagonal(), torch.ones(4, dtype=torch.float64))
     assert m[1, 2] == pytest.approx(1.0) and m[0, 3] < 0.9
     with pytest.raises(ValueError):
-        dtr.block_features(model, x0, [0], [nb], sched)
+        dtr_eval.block_features(model, x0, [0], [nb], sched)
     with pytest.raises(ValueError):
-        dtr.block_features(model, x0, [1000], [0], sched)
+        dtr_eval.block_features(model, x0, [1000], [0], sched)
 
 
 def test_block_features_on_dit_tokens():
     torch.manual_seed(0)
     model = dtr.apply_routing(perturb(tiny_dit()), "random")
-    f = dtr.block_features(model, torch.randn(3, 3, 16, 16), [10, 900], [5], Schedule.make("linear", 1000),
+    f = dtr_eval.block_features(model, torch.randn(3, 3, 16, 16), [10, 900], [5], Schedule.make("linear", 1000),
                            generator=torch.Generator().manual_seed(0))
     assert f[5].shape == (2, 3 * 16, 192)                            # 16 tokens of 192 channels per image
 
@@ -383,17 +384,17 @@ def test_block_features_on_dit_tokens():
 
 def test_mask_figure_cli(tmp_path, capsys):
     out = tmp_path / "masks.png"
-    dtr.main(["--channels", "16", "--T", "50", "--out", str(out)])
+    dtr_eval.main(["--channels", "16", "--T", "50", "--out", str(out)])
     from PIL import Image
     image = Image.open(out)
     assert image.height >= 50 and image.width >= 2 * 16
     assert "n = 12 active channels" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        dtr.main(["--alpha", "0", "--out", str(out)])
+        dtr_eval.main(["--alpha", "0", "--out", str(out)])
     assert "alpha must lie in (0, 1]" in capsys.readouterr().err
 
 
 def test_cka_image_has_one_cell_per_pair():
-    image = dtr.cka_image(torch.tensor([[1.0, 0.2], [0.2, 1.0]]), [0, 999], "block 0", cell=10)
+    image = dtr_eval.cka_image(torch.tensor([[1.0, 0.2], [0.2, 1.0]]), [0, 999], "block 0", cell=10)
     assert image.width >= 20 and image.height >= 20
-    assert dtr.colour(0.0) != dtr.colour(1.0) and dtr.colour(float("nan")) == (128, 128, 128)
+    assert dtr_eval.colour(0.0) != dtr_eval.colour(1.0) and dtr_eval.colour(float("nan")) == (128, 128, 128)

@@ -12,6 +12,7 @@ import diffusion
 import jointnet
 import jointnet_eval
 import metrics
+import minsnr
 import runlib
 import sample
 import shapes
@@ -113,7 +114,8 @@ def test_training_loss_draws_as_one_process_on_every_rank_count(method, monkeypa
     batch = {"image": torch.rand(B, 3, 16, 16, generator=g) * 2 - 1, "depth": torch.rand(B, 1, 16, 16, generator=g),
              "label": torch.randint(0, 4, (B,), generator=g), "t": torch.randint(0, 1000, (B,), generator=g),
              "noise": torch.randn(B, 3, 16, 16, generator=g), "label_drop": torch.tensor([1, 0, 0, 1, 1, 0]).bool()}
-    cfg = dict(dense_modality="depth", data="shapes", num_classes=4, target="eps", weighting="none")
+    batch["weight"] = minsnr.loss_weight(diffusion.snr(SCHED, batch["t"]), "eps", "min_snr")  # the loop's weight
+    cfg = dict(dense_modality="depth", data="shapes", num_classes=4, target="eps", weighting="min_snr")
     seen, embed = [], UNet.embed
     monkeypatch.setattr(UNet, "embed", lambda self, t, y=None, force_drop_ids=None:
                         seen.append((y, force_drop_ids)) or embed(self, t, y, force_drop_ids))
@@ -170,7 +172,7 @@ def test_channel_wise_inpainting_returns_the_given_modality(known_channels):
     z0 = torch.rand(2, 4, 8, 8, generator=g) * 2 - 1
     mask = torch.zeros_like(z0, dtype=torch.bool)
     mask[:, known_channels] = True
-    out = jointnet.joint_ddim(toy_model, SCHED, torch.randn(z0.shape, generator=g), diffusion.timestep_subset(1000, 10),
+    out = jointnet_eval.joint_ddim(toy_model, SCHED, torch.randn(z0.shape, generator=g), diffusion.timestep_subset(1000, 10),
                               known=z0, mask=mask, generator=g)
     assert torch.equal(out[:, known_channels], z0[:, known_channels])
     assert not torch.equal(out, z0) and out.abs().max() <= 1 + 1e-5
@@ -185,7 +187,7 @@ def test_spatial_inpainting_keeps_outside_and_fills_the_hole():
     z0, mask = torch.rand(1, 4, 8, 8) * 2 - 1, torch.ones(1, 1, 8, 8, dtype=torch.bool)
     mask[..., 2:6, 2:6] = False
     g = torch.Generator().manual_seed(3)
-    out = jointnet.joint_ddim(recording, SCHED, torch.randn(1, 4, 8, 8), [999, 500, 0], known=z0, mask=mask,
+    out = jointnet_eval.joint_ddim(recording, SCHED, torch.randn(1, 4, 8, 8), [999, 500, 0], known=z0, mask=mask,
                               generator=g)
     assert torch.equal(torch.where(mask, out, z0), z0) and not torch.equal(out, z0)
     # The model saw the known part noised to each step's level with ONE noise for all steps (the authors'
@@ -198,27 +200,15 @@ def test_spatial_inpainting_keeps_outside_and_fills_the_hole():
 
 def test_joint_ddim_without_mask_is_plain_ddim():
     x_T = torch.randn(2, 4, 8, 8)
-    ours = jointnet.joint_ddim(toy_model, SCHED, x_T, diffusion.timestep_subset(1000, 7))
+    ours = jointnet_eval.joint_ddim(toy_model, SCHED, x_T, diffusion.timestep_subset(1000, 7))
     ref = diffusion.ddim_sample(toy_model, SCHED, x_T.shape, 7, x_T=x_T)
     assert torch.equal(ours, ref)
-
-
-def test_sdedit_starts_at_the_strength_and_keeps_known_channels():
-    ts = jointnet.sdedit_timesteps(1000, 50, 0.4)
-    assert ts[0] == round(0.4 * 999) and ts[-1] == 0 and len(ts) == 20 and ts == sorted(ts, reverse=True)
-    z0 = torch.rand(2, 4, 8, 8) * 2 - 1
-    known = torch.zeros_like(z0, dtype=torch.bool)
-    known[:, :3] = True
-    out = jointnet.sdedit(toy_model, SCHED, z0, 50, 0.4, known_mask=known, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out[:, :3], z0[:, :3]) and not torch.equal(out[:, 3:], z0[:, 3:])
-    with pytest.raises(ValueError, match="strength"):
-        jointnet.sdedit_timesteps(1000, 50, 0.0)
 
 
 @pytest.mark.parametrize("H,W,s,stride", [(16, 48, 16, 8), (16, 40, 16, 5), (24, 37, 8, 8), (16, 16, 16, 3)])
 def test_tiles_cover_every_pixel(H, W, s, stride):
     for offset in [(0, 0), (stride - 1, stride // 2), (1, stride - 1)]:
-        tiles = jointnet.tile_layout(H, W, s, stride, offset)
+        tiles = jointnet_eval.tile_layout(H, W, s, stride, offset)
         count = torch.zeros(H, W)
         for a, b in tiles:
             assert 0 <= a <= H - s and 0 <= b <= W - s                     # every tile inside the canvas
@@ -230,21 +220,21 @@ def test_tiles_cover_every_pixel(H, W, s, stride):
 
 
 def test_edge_tiles_stay_and_the_interior_grid_moves_with_the_offset():
-    still, moved = jointnet.tile_starts(48, 16, 8, 0), jointnet.tile_starts(48, 16, 8, 3)
+    still, moved = jointnet_eval.tile_starts(48, 16, 8, 0), jointnet_eval.tile_starts(48, 16, 8, 3)
     assert still[0] == moved[0] == 0 and still[-1] == moved[-1] == 32     # the edge tiles never move
     assert set(still[1:-1]).isdisjoint(moved[1:-1])                        # the interior ones all do
 
 
 @pytest.mark.parametrize("s", [4, 8, 16])
 def test_tile_weights_fall_linearly_and_sum_to_one_at_half_overlap(s):
-    ramp = jointnet.tile_ramp(s)
+    ramp = jointnet_eval.tile_ramp(s)
     r = torch.tensor([min(i + 0.5, s - i - 0.5) / (s / 2) for i in range(s)])  # 1/s at edge pixels, 0 at the border
     torch.testing.assert_close(ramp, r[:, None] * r[None, :])
     assert (ramp > 0).all()
     # Tiles at stride s/2 (no offset): two linear ramps overlap everywhere inside and add up to exactly 1.
     W = 4 * s
     total = torch.zeros(s, W)
-    for a, b in jointnet.tile_layout(s, W, s, s // 2):
+    for a, b in jointnet_eval.tile_layout(s, W, s, s // 2):
         total[a:a + s, b:b + s] += ramp
     torch.testing.assert_close(total[:, s // 2:W - s // 2], r[:, None].expand(s, W - s))
 
@@ -253,12 +243,12 @@ def test_tiled_sampling_of_a_pointwise_model_equals_whole_canvas_ddim():
     """Each tile predicts exactly what the whole canvas predicts at a pixel, so averaging changes nothing."""
     pointwise = lambda z, t: 0.2 * torch.tanh(z) + 1e-4 * t.float().view(-1, 1, 1, 1)
     x_T = torch.randn(2, 4, 8, 28)
-    tiled = jointnet.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 4, steps=10, x_T=x_T,
+    tiled = jointnet_eval.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 4, steps=10, x_T=x_T,
                                 generator=torch.Generator().manual_seed(0))
     whole = diffusion.ddim_sample(pointwise, SCHED, x_T.shape, 10, x_T=x_T)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="stride"):
-        jointnet.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 9, steps=2)
+        jointnet_eval.tiled_ddim(pointwise, SCHED, x_T.shape, 8, 9, steps=2)
 
 
 def test_tiled_sampling_blends_the_whole_canvas_tile_early():
@@ -268,7 +258,7 @@ def test_tiled_sampling_blends_the_whole_canvas_tile_early():
     def probe(z, t):
         widths.append(z.shape[-1])
         return torch.zeros_like(z)
-    jointnet.tiled_ddim(probe, SCHED, (1, 4, 8, 24), 8, 4, steps=10, generator=torch.Generator().manual_seed(0))
+    jointnet_eval.tiled_ddim(probe, SCHED, (1, 4, 8, 24), 8, 4, steps=10, generator=torch.Generator().manual_seed(0))
     assert widths.count(24) == 4                                           # 40% of 10 steps
     assert widths[-1] == 8 and 24 not in widths[len(widths) // 2:]
 
@@ -451,6 +441,9 @@ def test_sample_modes_write_their_files(jn_run, tmp_path, mode, capsys):
     sample.main(["--ckpt", str(jn_run), "--mode", mode, "--n", "2", "--steps", "2", "--out", str(out),
                  "--jn-width", "32"])
     printed = capsys.readouterr().out
+    if mode == "jn-speed":
+        assert "FLOPs of one forward: joint / base" in printed and "ratio" in printed
+        return
     if mode == "jn-tiles":
         assert Image.open(f"{out}_rgb.png").size[0] >= 32 and os.path.exists(f"{out}_dense.png")
     else:

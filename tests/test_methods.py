@@ -58,3 +58,49 @@ def test_no_project_module_imports_the_loop_or_imports_inside_functions():
                     assert node in top, f"{name}.py imports {mods} inside a function"
                     if name not in ("bench",):
                         assert not {"train", "sample"} & {m.split(".")[0] for m in mods}, f"{name}.py imports the loop"
+
+
+def test_a_misspelt_hook_or_a_wrong_signature_is_refused_in_one_sentence():
+    import types
+    typo = types.ModuleType("typo_method")
+    exec("def training_los(model, batch, sched, cfg, rng):\n    pass\n", typo.__dict__)
+    with pytest.raises(TypeError, match=r"^typo_method.training_los is not a hook .* did you mean training_loss\?"):
+        methods.check_module(typo)
+    short = types.ModuleType("short_method")
+    exec("def training_loss(model, batch, sched, cfg):\n    pass\n", short.__dict__)
+    with pytest.raises(TypeError, match=r"training_loss\(model, batch, sched, cfg, rng\)"):
+        methods.check_module(short)
+    const = types.ModuleType("const_method")
+    const.SHAPE_KEYS = "task"
+    with pytest.raises(TypeError, match="SHAPE_KEYS must be a tuple"):
+        methods.check_module(const)
+    for module in methods.modules():  # every registered module passes, and so does the toy method
+        methods.check_module(module)
+    methods.check_module(toy_method)
+
+
+def test_the_registry_refuses_a_misspelt_hook_before_training(monkeypatch, tmp_path, capsys):
+    import types
+    typo = types.ModuleType("typo_method")
+    exec("def sample_row(model, sched, cfg, n, generator, device):\n    pass\n", typo.__dict__)
+    monkeypatch.setitem(methods.METHODS, "typo", methods.Method(dict(), typo))
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--method", "ddpm", "--steps", "1", "--out", str(tmp_path / "r")])
+    assert str(e.value.code).startswith("error: typo_method.sample_row is not a hook")
+    assert not (tmp_path / "r").exists()
+
+
+def test_paper_files_import_no_other_paper_file():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    papers = {"minsnr", "dtr", "mtdiffusion", "jointnet"}
+    base = {"diffusion", "unet", "dit", "shapes", "data", "runlib"}
+    for name in papers:
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for m in mods:
+                    top = m.split(".")[0]
+                    assert top not in papers - {name} and not top.endswith("_eval") and top not in (
+                        "methods", "config", "train", "sample", "metrics"), f"{name}.py imports {m}"
+                    assert top in base or not os.path.exists(os.path.join(root, top + ".py")), f"{name}.py imports {m}"

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import diffusion
 import minsnr
+import minsnr_eval
 import train
 from minsnr import STRATEGIES, loss_weight
 
@@ -137,13 +138,13 @@ def test_clamp_leaves_standard_schedules_untouched():
     (lambda: loss_weight(1.0, "eps", "p2", p2_k=0.0), "P2"),
     (lambda: loss_weight(1.0, "eps", "p2", p2_gamma=-0.5), "P2"),
     (lambda: loss_weight(torch.tensor([-1.0]), "eps", "min_snr"), "SNR"),
-    (lambda: minsnr.timestep_bins(1000, 0), "bins"),
-    (lambda: minsnr.timestep_bins(1000, [5, 5, 10]), "increasing"),
-    (lambda: minsnr.pareto_weights(torch.ones(4)), "matrix"),
-    (lambda: minsnr.pareto_weights(torch.ones(2, 3), lam=-1.0), "lambda"),
-    (lambda: minsnr.pareto_objective(torch.ones(2, 3), torch.ones(3)), "one weight per gradient"),
-    (lambda: minsnr.select_params(nn.Linear(2, 2), ["out."]), "top-level names"),
-    (lambda: minsnr.strategy_bin_weights(diffusion.Schedule.make(), "x0", "min_snr", 4, gamma=0.0), "gamma"),
+    (lambda: minsnr_eval.timestep_bins(1000, 0), "bins"),
+    (lambda: minsnr_eval.timestep_bins(1000, [5, 5, 10]), "increasing"),
+    (lambda: minsnr_eval.pareto_weights(torch.ones(4)), "matrix"),
+    (lambda: minsnr_eval.pareto_weights(torch.ones(2, 3), lam=-1.0), "lambda"),
+    (lambda: minsnr_eval.pareto_objective(torch.ones(2, 3), torch.ones(3)), "one weight per gradient"),
+    (lambda: minsnr_eval.select_params(nn.Linear(2, 2), ["out."]), "top-level names"),
+    (lambda: minsnr_eval.strategy_bin_weights(diffusion.Schedule.make(), "x0", "min_snr", 4, gamma=0.0), "gamma"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -153,7 +154,7 @@ def test_bad_arguments_raise_value_error(call, match):
 def test_cli_needs_exactly_one_source():
     for argv in ([], ["--fresh", "--ckpt", "run/checkpoint.pt"]):
         with pytest.raises(SystemExit):
-            minsnr.main(argv)
+            minsnr_eval.main(argv)
 
 
 # -----------------------------------------------------------------------------
@@ -173,20 +174,20 @@ def assert_on_simplex(w):
 def test_frank_wolfe_satisfies_kkt_and_beats_fixed_weights(seed, shared):
     K = 10
     G = random_gradients(K, 40, seed, shared)
-    w, obj = minsnr.pareto_weights(G)
+    w, obj = minsnr_eval.pareto_weights(G)
     assert_on_simplex(w)
-    assert obj == pytest.approx(minsnr.pareto_objective(G, w), rel=1e-12)
+    assert obj == pytest.approx(minsnr_eval.pareto_objective(G, w), rel=1e-12)
     # KKT of min w^T M w on the simplex: (M w)_k >= w^T M w for all k, with equality where w_k > 0
     Mw = (G @ G.T) @ w
     assert (Mw >= obj - 1e-7 * obj).all()
     assert torch.allclose(Mw[w > 1e-9], torch.full_like(Mw[w > 1e-9], obj), rtol=1e-6)
     sched = diffusion.Schedule.make("linear")
     for strategy in STRATEGIES:
-        w_s = minsnr.strategy_bin_weights(sched, "eps", strategy, K)
-        assert obj <= minsnr.pareto_objective(G, w_s) + 1e-12
+        w_s = minsnr_eval.strategy_bin_weights(sched, "eps", strategy, K)
+        assert obj <= minsnr_eval.pareto_objective(G, w_s) + 1e-12
     torch.manual_seed(seed)
     dirichlet = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64)).sample((500,))
-    assert obj <= min(minsnr.pareto_objective(G, d) for d in dirichlet) + 1e-12
+    assert obj <= min(minsnr_eval.pareto_objective(G, d) for d in dirichlet) + 1e-12
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -194,14 +195,14 @@ def test_two_gradients_closed_form(seed):
     G = random_gradients(2, 7, seed, shared=seed * 0.7)
     g1, g2 = G
     w1 = ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1).item()
-    w, obj = minsnr.pareto_weights(G)
+    w, obj = minsnr_eval.pareto_weights(G)
     assert w[0].item() == pytest.approx(w1, abs=1e-8)
     assert obj == pytest.approx((w1 * g1 + (1 - w1) * g2).pow(2).sum().item(), rel=1e-10)
 
 
 def test_two_gradients_clipped():
     g2 = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
-    w, obj = minsnr.pareto_weights(torch.stack([3 * g2, g2]))             # same direction: the shorter wins
+    w, obj = minsnr_eval.pareto_weights(torch.stack([3 * g2, g2]))             # same direction: the shorter wins
     assert w.tolist() == pytest.approx([0.0, 1.0], abs=1e-12) and obj == pytest.approx(6.0)
 
 
@@ -214,7 +215,7 @@ def test_three_gradients_match_grid_search(seed, lam):
                         dtype=torch.float64)                              # (N, 3) points of the simplex
     objs = ((grid @ M) * grid).sum(1)
     best = objs.argmin()
-    w, obj = minsnr.pareto_weights(G, lam=lam)
+    w, obj = minsnr_eval.pareto_weights(G, lam=lam)
     assert_on_simplex(w)
     assert obj <= objs[best].item() + 1e-12                               # never worse than the grid
     assert objs[best].item() - obj <= 1e-3 * objs[best].item()            # and the grid is close
@@ -223,8 +224,8 @@ def test_three_gradients_match_grid_search(seed, lam):
 
 def test_ugd_approaches_the_optimum_from_above():
     G = random_gradients(6, 30, 5, shared=1.5)
-    w_fw, obj_fw = minsnr.pareto_weights(G)
-    w_ugd, obj_ugd = minsnr.pareto_weights_ugd(G)
+    w_fw, obj_fw = minsnr_eval.pareto_weights(G)
+    w_ugd, obj_ugd = minsnr_eval.pareto_weights_ugd(G)
     assert_on_simplex(w_ugd)
     assert obj_fw - 1e-10 <= obj_ugd <= obj_fw * (1 + 1e-3)
     assert (w_ugd - w_fw).abs().max() < 0.05
@@ -240,7 +241,7 @@ def spread_gradients(K, P, seed, decades):
 def ugd_with_warnings(G):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w, obj = minsnr.pareto_weights_ugd(G)
+        w, obj = minsnr_eval.pareto_weights_ugd(G)
     return w, obj, [c for c in caught if issubclass(c.category, RuntimeWarning) and "did not converge" in str(c.message)]
 
 
@@ -250,7 +251,7 @@ def test_ugd_warns_when_it_has_not_converged():
     warned = 0
     for seed in range(4):
         G = spread_gradients(10, 40, seed, 3)
-        obj_fw = minsnr.pareto_weights(G)[1]
+        obj_fw = minsnr_eval.pareto_weights(G)[1]
         _, obj_ugd, caught = ugd_with_warnings(G)
         assert caught or obj_ugd <= obj_fw * 1.01, (seed, obj_ugd / obj_fw)
         warned += bool(caught)
@@ -262,14 +263,14 @@ def test_ugd_warns_when_it_has_not_converged():
 def test_strategy_bin_weights():
     sched = diffusion.Schedule.make("linear")
     for strategy in STRATEGIES:
-        assert_on_simplex(minsnr.strategy_bin_weights(sched, "v", strategy, 10))
+        assert_on_simplex(minsnr_eval.strategy_bin_weights(sched, "v", strategy, 10))
     for target, strategy in (("eps", "none"), ("x0", "const"), ("eps", "snr")):  # weight 1 on the target's MSE
-        assert torch.allclose(minsnr.strategy_bin_weights(sched, target, strategy, 4),
+        assert torch.allclose(minsnr_eval.strategy_bin_weights(sched, target, strategy, 4),
                               torch.full((4,), 0.25, dtype=torch.float64))
     ab = sched.alpha_bar
     inv = (1 - ab) / ab                                                   # eps weight of "const": 1/SNR
     means = torch.stack([inv[i * 250:(i + 1) * 250].mean() for i in range(4)])
-    assert torch.allclose(minsnr.strategy_bin_weights(sched, "eps", "const", 4), means / means.sum())
+    assert torch.allclose(minsnr_eval.strategy_bin_weights(sched, "eps", "const", 4), means / means.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def test_bin_gradients_closed_form(target):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
     model = AffineModel()
-    G = minsnr.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps, generator=g)
+    G = minsnr_eval.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps, generator=g)
     assert G.shape == (3, 2)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)          # Ho et al.'s schedule, by hand
     for row, t in ((0, 10), (2, 600)):                                     # single-timestep bins
@@ -313,9 +314,9 @@ def test_bin_gradients_convert_another_targets_output(model_target, target):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
     model = AffineModel()
-    G = minsnr.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps, generator=g,
+    G = minsnr_eval.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps, generator=g,
                              model_target=model_target)
-    raw = minsnr.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps,
+    raw = minsnr_eval.bin_gradients(model, sched, x0, target, bins=[10, 11, 600, 601], noise=eps,
                                generator=torch.Generator().manual_seed(0))
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     for row, t in ((0, 10), (2, 600)):
@@ -349,18 +350,18 @@ def tiny_unet():
 def test_pareto_on_a_tiny_model(tiny_unet):
     sched = diffusion.Schedule.make("cosine")
     x0 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    G = minsnr.bin_gradients(tiny_unet, sched, x0, "v", bins=5, generator=torch.Generator().manual_seed(2))
+    G = minsnr_eval.bin_gradients(tiny_unet, sched, x0, "v", bins=5, generator=torch.Generator().manual_seed(2))
     P = sum(p.numel() for p in tiny_unet.parameters())
     assert G.shape == (5, P) and torch.isfinite(G).all()
     assert (G.norm(dim=1) > 0).all()
-    w, obj = minsnr.pareto_weights(G)
+    w, obj = minsnr_eval.pareto_weights(G)
     assert_on_simplex(w)
     for strategy in STRATEGIES:
-        w_s = minsnr.strategy_bin_weights(sched, "v", strategy, 5)
-        assert obj <= minsnr.pareto_objective(G, w_s) * (1 + 1e-9)
+        w_s = minsnr_eval.strategy_bin_weights(sched, "v", strategy, 5)
+        assert obj <= minsnr_eval.pareto_objective(G, w_s) * (1 + 1e-9)
     # a subset of parameters: the gradient of the output block alone is the matching slice of G
-    out = minsnr.select_params(tiny_unet, ["out."])
-    G_out = minsnr.bin_gradients(tiny_unet, sched, x0, "v", bins=5, params=out,
+    out = minsnr_eval.select_params(tiny_unet, ["out."])
+    G_out = minsnr_eval.bin_gradients(tiny_unet, sched, x0, "v", bins=5, params=out,
                                  generator=torch.Generator().manual_seed(2))
     n_out = sum(p.numel() for p in out)
     assert torch.allclose(G_out, G[:, P - n_out:], rtol=1e-4, atol=1e-7)
@@ -368,9 +369,9 @@ def test_pareto_on_a_tiny_model(tiny_unet):
 
 def test_cli_fresh_prints_the_tables(monkeypatch, capsys):
     g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(minsnr, "load_batch", lambda data, size, n, seed: (
+    monkeypatch.setattr(minsnr_eval, "load_batch", lambda data, size, n, seed: (
         torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.zeros(n, dtype=torch.long)))
-    minsnr.main(["--fresh", "--image-size", "16", "--bins", "4", "--batch-size", "2", "--target", "eps"])
+    minsnr_eval.main(["--fresh", "--image-size", "16", "--bins", "4", "--batch-size", "2", "--target", "eps"])
     text = capsys.readouterr().out
     for name in STRATEGIES + ("pareto-FW", "pareto-UGD", "Figure 4"):
         assert name in text
@@ -386,7 +387,7 @@ def test_cli_converts_a_runs_output_to_another_target(tmp_path, capsys):
                 "1000", "--sample-steps", "1", "--out", str(tmp_path / "eps")])
     capsys.readouterr()
     argv = ["--ckpt", str(tmp_path / "eps"), "--bins", "2", "--batch-size", "2", "--params", "out."]
-    minsnr.main(argv + ["--target", "x0"])
+    minsnr_eval.main(argv + ["--target", "x0"])
     assert "the model predicts eps; its output is converted to x0" in capsys.readouterr().out
-    minsnr.main(argv)
+    minsnr_eval.main(argv)
     assert "converted" not in capsys.readouterr().out

@@ -12,6 +12,7 @@ import torch
 import diffusion
 import methods
 import metrics
+import minsnr
 import mtdiffusion as mt
 import mtdiffusion_eval
 import runlib
@@ -165,7 +166,7 @@ def test_zero_weights_sampler_and_loss_are_ddpm():
     assert torch.allclose(z, ref, atol=1e-6) and x.shape == (4, 3, 16, 16)
     g = torch.Generator().manual_seed(3)
     batch = {"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "t": torch.randint(0, 1000, (4,), generator=g),
-             "noise": torch.randn(4, 3, 16, 16, generator=g)}
+             "noise": torch.randn(4, 3, 16, 16, generator=g), "weight": None}
     cfg = dict(task="masked", mt_drop=0.2, target="eps", weighting="none", mt_lambda=0.0)
     loss, stats = mt.training_loss(model, batch, sched, cfg, step_random(4))
     ref_loss, ref_mse = diffusion.diffusion_loss(model.backbone, sched, batch["image"], batch["t"], noise=batch["noise"])
@@ -269,7 +270,8 @@ def test_training_loss_draws_as_one_process_on_every_rank_count():
     g = torch.Generator().manual_seed(3)
     batch = {"image": torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, "t": torch.randint(0, 1000, (6,), generator=g),
              "noise": torch.randn(6, 3, 16, 16, generator=g)}
-    cfg = dict(task="masked", mt_drop=0.5, target="eps", weighting="none", mt_lambda=0.1)
+    batch["weight"] = minsnr.loss_weight(diffusion.snr(sched, batch["t"]), "eps", "min_snr")  # the loop's weight
+    cfg = dict(task="masked", mt_drop=0.5, target="eps", weighting="min_snr", mt_lambda=0.1)
     whole = mt.training_loss(model, batch, sched, cfg, step_random(6))
     halves = [mt.training_loss(model, {k: v[r * 3:(r + 1) * 3] for k, v in batch.items()}, sched, cfg,
                                runlib.StepRandom(torch.Generator().manual_seed(0), 6, r, 2)) for r in (0, 1)]
@@ -396,7 +398,7 @@ def test_bad_input_is_one_clear_sentence(tmp_path, capsys):
 def test_sdedit_noises_its_input_to_the_step_where_sampling_starts(tmp_path, monkeypatch):
     """mt-restore's SDEdit row: --mt-sdedit 0.5 asks for t0 = 499; a 10-step sampler starts at t = 444, so
     the input must be noised to 444, not 499."""
-    assert mt.sdedit_start(1000, 10, 499) == 444 and mt.sdedit_start(1000, 50, 999) == 999
+    assert diffusion.sdedit_timesteps(1000, 10, 499)[0] == 444 and diffusion.sdedit_timesteps(1000, 50, 999)[0] == 999
     model = perturb(make_model("masked", "X"))
     sched = Schedule.make("linear", 1000)
     noised_to, started_at = [], []

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import dtr
-import minsnr
+import dtr_eval
+import minsnr_eval
 import runlib
 import sample
 import train
@@ -138,7 +138,7 @@ def test_non_finite_numbers_in_float_flags_are_one_sentence(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", str(tmp_path / "s"), *argv])
         assert e.value.code == 2 and "is not a finite number" in capsys.readouterr().err
-    for main, argv in ((dtr.main, ["--alpha", "nan"]), (minsnr.main, ["--fresh", "--lam", "inf"])):
+    for main, argv in ((dtr_eval.main, ["--alpha", "nan"]), (minsnr_eval.main, ["--fresh", "--lam", "inf"])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "is not a finite number" in capsys.readouterr().err

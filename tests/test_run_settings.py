@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import config
 import sample
 import train
 
@@ -64,13 +65,13 @@ def test_min_snr_gamma_zero_is_refused_on_resume_too(tmp_path):
 
 
 def test_arch_dit_without_model_takes_the_dit_default():
-    parser = train.get_parser()
-    cfg = train.resolve_config(parser.parse_args(["--arch", "dit"]), {"arch"})
-    assert cfg["model"] == train.DIT_DEFAULT and cfg["arch"] == "dit"
-    assert train.DIT_DEFAULT == ("DiT-S/2" if train.ON_GPU else "DiT-T/4")
-    train.check_image_size(cfg)                                                # fits the default image size
-    cfg = train.resolve_config(parser.parse_args([]), set())
-    assert cfg["model"] == ("unet-gpu" if train.ON_GPU else "unet-cpu")       # no --arch: unchanged
+    parser = config.get_parser()
+    cfg = config.resolve_config(parser.parse_args(["--arch", "dit"]), {"arch"})
+    assert cfg["model"] == config.DIT_DEFAULT and cfg["arch"] == "dit"
+    assert config.DIT_DEFAULT == ("DiT-S/2" if config.ON_GPU else "DiT-T/4")
+    config.check_image_size(cfg)                                                # fits the default image size
+    cfg = config.resolve_config(parser.parse_args([]), set())
+    assert cfg["model"] == ("unet-gpu" if config.ON_GPU else "unet-cpu")       # no --arch: unchanged
 
 
 def test_guidance_on_an_unconditional_model_is_refused(tmp_path):
