@@ -230,12 +230,21 @@ def fit_feature_net(x, y, num_classes, seed=0, steps=400, batch_size=64, lr=2e-3
         xb, yb = x[idx], y[idx]                                               # (B, C, H, W), (B,)
         flip = torch.rand(batch_size, generator=g) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        supervised_step(opt, net(xb), yb)
         sched.step()
     return net.eval()
+
+
+def supervised_step(opt, logits, y, params=(), grad_clip=0.0):
+    """One classifier training step: cross-entropy of logits (B, K) against y (B,), backward, the gradient
+    norm clipped at grad_clip (0: off), the optimiser's step. Returns the loss."""
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()
