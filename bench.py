@@ -3,6 +3,7 @@ The evidence: does each paper's claim hold at small scale, and what does each me
 
     python bench.py --recipe     # which shared settings make the plain ddpm baseline learn fastest on a CPU
     python bench.py --cpu        # the evidence profile: every row x 3 seeds, paired verdicts; resumable
+    python bench.py --cpu --report   # its tables re-rendered from results/bench_cpu.json; trains nothing
     python bench.py --quick      # a smoke of every row (16px, 400 steps, one seed): checks, not evidence
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
@@ -43,9 +44,12 @@ an evaluation with its training) in --parallel worker processes of one torch thr
 per core, at most 8), which take jobs under file locks; on 2 cores two 1-thread trainings do 1.85x the
 work of one 2-thread training. Every --cpu row uses the recipe the study
 chose, unchanged; each claim compares two rows seed by seed (same seeds, same evaluation noise): the
-mean paired difference with a 95% bootstrap interval over seeds and a verdict, holds / contradicted /
-unresolved (the interval spans zero). Scores: FD, generated-class accuracy (ceiling: the reference CNN
-on held-out real images, floor: chance) and colour statistics, each beside its real-data value.
+mean paired difference with its 95% paired t-interval over seeds and a verdict from that interval,
+holds / contradicted / unresolved (the interval spans zero), beside the number of seeds whose difference
+lies on the claim's side. Scores: FD, generated-class accuracy (ceiling: the reference CNN on held-out
+real images, floor: chance) and colour statistics, each beside its real-data value. `--cpu --report`
+reads the stored units (--json) and rewrites only their tables (--md): no row is trained, nothing is
+stored.
 
 Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
 ImageNet and days; FD in a reference CNN's features; restoration by MSE, not LPIPS. A claim that does
@@ -88,6 +92,8 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one of --parallel's processes: the profile's JSON file
     p.add_argument("--only", choices=["routing", "compile"], help="run one section: 'routing' times DTR's cost (minutes "
                    "on a CPU), 'compile' times torch.compile against eager training (compiling takes minutes on a CPU)")
+    p.add_argument("--report", action="store_true", help="--cpu: re-render the tables (--md) of the stored units "
+                   "(--json) without training or storing anything")
     p.add_argument("--gpu-check", action="store_true", help="every method for a few steps on CUDA with bf16 and "
                    "--compile, resumed and sampled (about 5 minutes on one GPU); without CUDA it says so and exits 0")
     args = p.parse_args(argv)
@@ -104,6 +110,8 @@ def main(argv=None):
         prof["seeds"] = tuple(args.seeds)
     if name != "cpu" and (args.parallel not in (None, 1) or args.worker):
         sys.exit("error: --parallel applies to --cpu only")
+    if args.report and name != "cpu":
+        sys.exit("error: --report applies to --cpu only")
     if args.parallel is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         args.parallel = min(cores, 8) if name == "cpu" else 1
@@ -117,6 +125,8 @@ def main(argv=None):
     try:
         if args.gpu_check:
             return timing.gpu_check()
+        if name == "cpu" and args.report:
+            return evidence.render_evidence(prof, name, args, command)
         if name == "cpu":
             return evidence.run_evidence(prof, name, args, command)
         if name == "recipe":

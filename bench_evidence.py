@@ -3,6 +3,7 @@ The evidence profile: does each paper's claim hold at small scale? Every row x 3
 paired comparison of two rows seed by seed, with a verdict; resumable, in parallel worker processes.
 
     python bench.py --cpu        # the evidence profile (results/bench_cpu.json and .md); resumable
+    python bench.py --cpu --report   # its tables re-rendered from the stored units; trains nothing
 
 Every finished unit (row, seed, checkpoint) goes to the store at once (bench_common.Store); the jobs (a
 row with one seed, or an evaluation with its training) run under file locks in --parallel processes.
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-import torch
+import scipy.stats
 
 import bench_common as common
 from bench_common import fmt, mean_std
@@ -28,14 +29,24 @@ BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")  # 
 # -----------------------------------------------------------------------------
 # Paired verdicts and the profile's rows
 
-def paired(a, b, boots=10_000, level=0.95, seed=0):
-    """Paired differences a_s - b_s over seeds s: their mean and a percentile-bootstrap interval of the mean
-    (seeds resampled with replacement)."""
-    d = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    means = d[torch.randint(len(d), (boots, len(d)), generator=g)].mean(1).sort().values
-    return {"mean": d.mean().item(), "lo": means[int((1 - level) / 2 * boots)].item(),
-            "hi": means[int((1 + level) / 2 * boots) - 1].item(), "diffs": d.tolist(), "n": len(d)}
+LEVEL = 0.95  # of the claims' intervals
+
+
+def interval_name(level=LEVEL):
+    return f"{100 * level:g}% paired t-interval"
+
+
+def paired(a, b, level=LEVEL):
+    """Paired differences d_s = a_s - b_s over n seeds s: their mean and the paired t-interval
+    mean ± t_{(1+level)/2, n-1} sd(d) / sqrt(n), with sd's denominator n - 1. With 3 seeds t_{0.975, 2} is
+    4.30, so three differences of one sign need not exclude zero. With fewer than 2 seeds nothing can be
+    concluded: the interval is (-inf, +inf)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = statistics.fmean(d) if n else math.nan
+    half = scipy.stats.t.ppf((1 + level) / 2, n - 1) * statistics.stdev(d) / math.sqrt(n) if n >= 2 else math.inf
+    return {"mean": mean, "lo": mean - half if n >= 2 else -math.inf, "hi": mean + half if n >= 2 else math.inf,
+            "diffs": d, "n": n, "interval": interval_name(level)}
 
 
 def verdict(ci, sign):
@@ -236,8 +247,9 @@ def steps_to_reach(curve, target):
 
 
 def evidence_claims(prof, rows, names):
-    """Each claim as a paired comparison over seeds: the mean difference a - b with its 95% bootstrap
-    interval and a verdict (holds / contradicted / unresolved). names: the rows of this profile (a claim
+    """Each claim as a paired comparison over seeds: the mean difference a - b with its 95% paired t-interval
+    and a verdict from that interval alone (holds / contradicted / unresolved), beside it sign_count [k, n]:
+    the k of n seeds whose difference lies on the claim's side. names: the rows of this profile (a claim
     about rows it does not run is left out; one whose rows have fewer than 2 seeds stored says so)."""
     cks, last = prof["checkpoints"], prof["checkpoints"][-1]
     out = []
@@ -245,22 +257,24 @@ def evidence_claims(prof, rows, names):
         if any(n not in names for n in needs or (a, b)):
             return
         seeds = [s for s in va if va[s] is not None and vb.get(s) is not None]
-        c = dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, n=len(seeds))
+        # A run that diverged is worse than any that did not.
+        worst = -math.inf if higher_better else math.inf
+        val = lambda v: worst if v == DIVERGED else v
+        side = lambda s: (val(va[s]) > val(vb[s])) - (val(va[s]) < val(vb[s]))  # +1: a > b, -1: a < b
+        c = dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, n=len(seeds),
+                 sign_count=[sum(side(s) == sign for s in seeds), len(seeds)])  # seeds on the claim's side, of n
         if len(seeds) < 2:
             out.append({**c, "verdict": "not enough seeds yet"})
             return
         if any(DIVERGED in (va[s], vb[s]) for s in seeds):
-            # A run that diverged is worse than any that did not: the verdict needs every seed on one side.
-            worst = -math.inf if higher_better else math.inf
-            val = lambda v: worst if v == DIVERGED else v
-            sides = {(val(va[s]) > val(vb[s])) - (val(va[s]) < val(vb[s])) for s in seeds}
+            # No difference to average: the verdict needs every seed on one side.
+            sides = {side(s) for s in seeds}
             out.append({**c, "diverged": {"a": sum(va[s] == DIVERGED for s in seeds), "b": sum(vb[s] == DIVERGED for s in seeds)},
                         "verdict": "holds" if sides == {sign} else "contradicted" if sides == {-sign} else "unresolved"})
             return
         ci = paired([va[s] for s in seeds], [vb[s] for s in seeds])
-        out.append(dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, verdict=verdict(ci, sign),
-                        mean_a=statistics.fmean(va[s] for s in seeds), mean_b=statistics.fmean(vb[s] for s in seeds),
-                        ci=ci, n=len(seeds)))
+        out.append({**c, "verdict": verdict(ci, sign), "mean_a": statistics.fmean(va[s] for s in seeds),
+                    "mean_b": statistics.fmean(vb[s] for s in seeds), "ci": ci})
     fd = lambda n: final(rows, n, "fd", last)
     acc = lambda n: final(rows, n, "class_acc", last)
     auc = lambda n: mean_over_checkpoints(rows, n, "fd", cks)
@@ -366,14 +380,22 @@ def fmt_ci(c, digits=3):
     return f"{c['mean']:+.{digits}f} [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]"
 
 
+def invocation_line(report):
+    """The tables' first line: this invocation and the ones that trained the stored units."""
+    trained = invocations_note(report.get("invocations", []))
+    if report.get("rendered_only"):
+        return (f"`{report['command']}`: the tables of the {report['units']} stored units, re-rendered on "
+                f"{report['hardware']}; this invocation trained nothing{trained}.")
+    return (f"`{report['command']}`; {report['hardware']}; " + (f"{report['parallel']} training processes at once, one "
+            "torch thread each; " if report.get("parallel", 1) > 1 else "") + f"this invocation {report['wall_s'] / 60:.1f} min "
+            f"({report['units']} units stored in all{trained})."
+            + (" **Partial: stopped before the end; the same command continues it.**" if report["stopped"] else ""))
+
+
 def evidence_markdown(report):
     p, cks, rows = report["profile"], report["profile"]["checkpoints"], report["rows"]
     b = report["baseline"]
-    lines = [f"# Evidence ({report['profile_name']} profile)", "",
-             f"`{report['command']}`; {report['hardware']}; " + (f"{report['parallel']} training processes at once, one "
-             "torch thread each; " if report.get("parallel", 1) > 1 else "") + f"this invocation {report['wall_s'] / 60:.1f} min "
-             f"({report['units']} units stored in all" + invocations_note(report.get("invocations", [])) + ")."
-             + (" **Partial: stopped before the end; the same command continues it.**" if report["stopped"] else ""), "",
+    lines = [f"# Evidence ({report['profile_name']} profile)", "", invocation_line(report), "",
              f"Every row trains with the same recipe: {p['image_size']}px shapes, "
              f"{' / '.join(p['models'][a] for a in p['arches'])}, batch {p['batch_size']}, lr {p['lr']} (warm-up "
              f"{p['warmup']}), gradient clipping {p.get('grad_clip', 1.0) or 'off'}, "
@@ -384,9 +406,11 @@ def evidence_markdown(report):
              f"in their class (ceiling {b['ceiling']:.3f}: the CNN's accuracy on held-out real images; "
              f"{report['floor']['class_acc']:.3f} on the {p['n_eval']} used as FD's floor; floor {b['floor']:.3f}: "
              f"chance); real-vs-real FD at this N: {report['floor']['fd']:.2f}.", "",
-             "Verdicts compare two rows seed by seed: the mean paired difference a - b with a 95% bootstrap interval "
-             "over seeds. *holds*: the whole interval is on the claim's side; *contradicted*: on the other side; "
-             "*unresolved*: it spans zero.", "",
+             f"Verdicts compare two rows seed by seed: the mean paired difference a - b over the n seeds with its "
+             f"{interval_name()}, mean ± t(0.975, n - 1) · sd / √n (sd over the seeds' differences; with 3 seeds "
+             "t = 4.30, so three differences of one sign need not exclude zero). *holds*: the whole interval is on "
+             "the claim's side; *contradicted*: on the other side; *unresolved*: it spans zero. Beside it, the seeds "
+             "whose difference lies on the claim's side (k of n); the verdict does not use them.", "",
              "## Does the baseline learn?", "",
              f"{b['row']}: FD " + " -> ".join(fmt(x) for x in b["fd"]) + f" at steps {list(cks)} "
              f"(the mean {'falls at every checkpoint' if b['falls'] else 'does NOT fall at every checkpoint'}"
@@ -397,16 +421,18 @@ def evidence_markdown(report):
              f"accuracy {fmt(b['class_acc'], 3)}: " + ("-" if b["of_ceiling"] is None else
              f"{b['of_ceiling']:.2f} of the ceiling (the profile's target: at least 0.6), {b['relative']:.2f} of the way "
              "from chance to the ceiling") + ".", "",
-             "## Claims", "", "| claim | paper | metric | a | b | mean a | mean b | a - b [95% CI] | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "## Claims", "", "| claim | paper | metric | a | b | mean a | mean b | "
+             f"a - b [{interval_name()}] | seeds on the claim's side | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["claims"]:
+        k_of_n = "{} of {}".format(*c["sign_count"])
         if "ci" not in c:
             why = "" if "diverged" not in c else f" (diverged: a in {c['diverged']['a']}, b in {c['diverged']['b']} seeds)"
-            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {c['n']} | "
-                         f"{c['verdict']}{why} |")
+            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {k_of_n} | "
+                         f"{c['n']} | {c['verdict']}{why} |")
             continue
         lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.3f} | "
-                     f"{c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {c['n']} | **{c['verdict']}** |")
+                     f"{c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {k_of_n} | {c['n']} | **{c['verdict']}** |")
     cols = " | ".join(f"FD@{c}" for c in cks)
     lines += ["", "## Rows", "", "Mean ± std over seeds. Channel deviation: mean |pixel channel - pixel mean| "
               f"(real images: {report['floor']['channel_dev']:.3f}).", "",
@@ -464,6 +490,32 @@ def evidence_settings(prof):
     return json.loads(json.dumps({k: v for k, v in prof.items() if k not in VARIABLE_KEYS}))
 
 
+def evidence_tables(prof, name, args, command, store, scorer, **header):
+    """The report of every stored unit (rows, claims, baseline, time to target) and its tables in args.md.
+    header: what evidence_markdown's first line says of this invocation (wall_s, parallel, stopped, or
+    rendered_only)."""
+    rows, names = rows_from_store(prof, store)
+    report = dict(profile_name=name, profile=prof, command=command, hardware=common.hardware(),
+                  invocations=store.doc.get("invocations", []), units=len(store.doc["units"]), stopped=False,
+                  floor=scorer.floor, rows=rows, baseline=baseline_check(prof, rows, scorer),
+                  claims=evidence_claims(prof, rows, names), time_to_target=time_to_target(prof, rows))
+    report.update(header)
+    text = evidence_markdown(report)
+    common.write_text(args.md, text)
+    print(text)
+    return report
+
+
+def render_evidence(prof, name, args, command):
+    """--report: the tables of a stored evidence profile (args.json) re-rendered into args.md. Trains no row
+    and stores nothing; the reference net comes from its cache (trained once if missing, as for every
+    profile)."""
+    if not os.path.isfile(args.json):
+        raise ValueError(f"{args.json} does not exist: there is no stored evidence profile to render")
+    store = common.Store(args.json, evidence_settings(prof))
+    return evidence_tables(prof, name, args, command, store, common.Scorer(prof, args.cache), rendered_only=True)
+
+
 def run_evidence(prof, name, args, command):
     """The evidence profile end to end; resumable. Writes args.json (every unit, as it finishes) and args.md
     (the tables of whatever is stored, also when stopped early). With args.parallel > 1, that many worker
@@ -509,15 +561,8 @@ def run_evidence(prof, name, args, command):
     if len(store.doc["units"]) > stored_before:
         store.log_invocation(dict(date=time.strftime("%Y-%m-%d"), wall_s=round(time.time() - t0, 1),
                                   units=len(store.doc["units"]) - stored_before, parallel=args.parallel))
-    rows, names = rows_from_store(prof, store)
-    report = dict(profile_name=name, profile=prof, command=command, hardware=common.hardware(), wall_s=time.time() - t0,
-                  invocations=store.doc.get("invocations", []),
-                  parallel=args.parallel, units=len(store.doc["units"]), stopped=stopped, floor=scorer.floor, rows=rows,
-                  baseline=baseline_check(prof, rows, scorer), claims=evidence_claims(prof, rows, names),
-                  time_to_target=time_to_target(prof, rows))
-    text = evidence_markdown(report)
-    common.write_text(args.md, text)
-    print(text)
+    report = evidence_tables(prof, name, args, command, store, scorer, wall_s=time.time() - t0, parallel=args.parallel,
+                             stopped=stopped)
     if stopped:
         sys.exit(f"stopped; {report['units']} finished units are in {args.json} and their tables in {args.md}: "
                  "run the same command to continue")

@@ -187,13 +187,57 @@ def test_median_interval_matches_the_normal_theory():
 # -----------------------------------------------------------------------------
 # The evidence profile (--cpu): paired verdicts and resumption
 
-def test_paired_interval_and_verdicts_by_hand():
-    same = bench_evidence.paired([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # every paired difference is 2
+def test_paired_t_interval_by_hand():
+    # a - b = -1.0, -0.5, -3.0: mean -1.5; deviations +0.5, +1.0, -1.5, so sd = sqrt((0.25 + 1 + 2.25) / 2)
+    # = sqrt(1.75) = 1.3228757 and se = sd / sqrt(3) = 0.7637626; t_{0.975, 2} = 4.3026527 (scipy.stats.t.ppf),
+    # half-width 4.3026527 x 0.7637626 = 3.2862053: the interval is [-4.7862053, +1.7862053].
+    c = bench_evidence.paired([0.0, 1.5, -1.0], [1.0, 2.0, 2.0])
+    assert c["diffs"] == [-1.0, -0.5, -3.0] and c["n"] == 3 and c["interval"] == "95% paired t-interval"
+    assert c["mean"] == pytest.approx(-1.5)
+    assert c["lo"] == pytest.approx(-4.7862053038642145) and c["hi"] == pytest.approx(1.786205303864214)
+    sd = math.sqrt(((-1.0 + 1.5) ** 2 + (-0.5 + 1.5) ** 2 + (-3.0 + 1.5) ** 2) / 2)
+    assert c["hi"] - c["mean"] == pytest.approx(4.302652729749462 * sd / math.sqrt(3))
+    # All three differences say a < b, yet with 3 seeds the interval spans zero: not "holds" by construction.
+    assert bench_evidence.verdict(c, -1) == "unresolved" and bench_evidence.verdict(c, +1) == "unresolved"
+    # A tight example: -1.0, -1.1, -0.9 (sd 0.1, half-width 4.3026527 x 0.1 / sqrt(3) = 0.2484138).
+    tight = bench_evidence.paired([0.0, -0.1, 0.1], [1.0, 1.0, 1.0])
+    assert tight["lo"] == pytest.approx(-1.2484137711750332) and tight["hi"] == pytest.approx(-0.7515862288249668)
+    assert bench_evidence.verdict(tight, -1) == "holds" and bench_evidence.verdict(tight, +1) == "contradicted"
+    same = bench_evidence.paired([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # every paired difference is 2: sd 0
     assert same["mean"] == same["lo"] == same["hi"] == 2.0 and same["diffs"] == [2.0, 2.0, 2.0]
     assert bench_evidence.verdict(same, +1) == "holds" and bench_evidence.verdict(same, -1) == "contradicted"
-    mixed = bench_evidence.paired([1.0, 0.0, 2.0], [0.0, 1.0, 0.0])  # differences 1, -1, 2: resampled means span zero
-    assert mixed["lo"] == pytest.approx(-1.0) and mixed["hi"] == pytest.approx(2.0)
-    assert mixed["mean"] == pytest.approx(2 / 3) and bench_evidence.verdict(mixed, +1) == "unresolved"
+    # One seed (or none): nothing can be concluded.
+    for a, b in (([1.0], [0.0]), ([], [])):
+        one = bench_evidence.paired(a, b)
+        assert (one["lo"], one["hi"], one["n"]) == (-math.inf, math.inf, len(a))
+        assert bench_evidence.verdict(one, +1) == bench_evidence.verdict(one, -1) == "unresolved"
+
+
+def test_claims_count_the_seeds_on_the_claims_side():
+    # min-SNR's claim is a < b (lower mean FD). Differences a - b per seed: -1.0, -0.5, +0.25: 2 of 3 on its side.
+    prof = {**bench_common.PROFILES["cpu"], "arches": (), "targets": ("eps",), "weightings": ("const", "min_snr"),
+            "checkpoints": (1, 2), "seeds": (0, 1, 2)}
+    fd = lambda v: {1: {"fd": v}, 2: {"fd": v}}
+    rows = {"unet/eps/min_snr": {0: fd(2.0), 1: fd(2.5), 2: fd(3.25)}, "unet/eps/const": {0: fd(3.0), 1: fd(3.0), 2: fd(3.0)}}
+    (c,) = bench_evidence.evidence_claims(prof, rows, list(rows))
+    assert c["sign"] == -1 and c["sign_count"] == [2, 3] and c["n"] == 3
+    assert c["ci"]["diffs"] == [-1.0, -0.5, 0.25] and c["verdict"] == "unresolved"
+    rows["unet/eps/min_snr"][2] = fd(0.0)  # now -1.0, -0.5, -3.0: 3 of 3, and still unresolved at 3 seeds
+    (c,) = bench_evidence.evidence_claims(prof, rows, list(rows))
+    assert c["sign_count"] == [3, 3] and c["verdict"] == "unresolved" and c["ci"]["hi"] > 0
+    text = bench_evidence.evidence_markdown(dict(
+        profile_name="cpu", profile={**prof, "models": {"unet": "unet-cpu"}}, command="python bench.py --cpu --report",
+        hardware="here", units=12, rendered_only=True, stopped=False, claims=[c], rows={}, time_to_target=[],
+        invocations=[dict(date="2026-12-03", wall_s=600.0, units=12, parallel=2)],
+        floor={"class_acc": 0.8, "fd": 0.5, "channel_dev": 0.1},
+        baseline=dict(row="unet/ddpm", fd=[None, None], falls=False, class_acc=None, ceiling=0.85, floor=0.25,
+                      of_ceiling=None, relative=None)))
+    assert "| a - b [95% paired t-interval] | seeds on the claim's side | seeds | verdict |" in text
+    assert f"| {bench_evidence.fmt_ci(c['ci'])} | 3 of 3 | 3 | **unresolved** |" in text
+    assert "with its 95% paired t-interval" in text and "bootstrap" not in text
+    assert text.split("\n")[2] == ("`python bench.py --cpu --report`: the tables of the 12 stored units, re-rendered on "
+                                   "here; this invocation trained nothing; the invocations that trained them took 10 min "
+                                   "of wall time (12 units on 2026-12-03 with 2 processes: 10 min).")
 
 
 def test_steps_to_reach_interpolates_linearly():
@@ -252,6 +296,11 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
         m.setattr(bench_common, "generate", refuse)
         again = bench.main(args)
         assert open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1] == tables
+        # --report re-renders the same tables from the store alone, and says that it trained nothing.
+        rendered = bench.main(["--cpu", "--report", "--json", str(tmp_path / "e.json")])
+        text = open(tmp_path / "e.md").read()
+        assert text.split("## Does the baseline learn?")[1] == tables and rendered["claims"] == first["claims"]
+        assert "this invocation trained nothing" in text and "this invocation 0" not in text
         # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
         one_seed = bench.main(args + ["--seeds", "0"])
     assert again["claims"] == first["claims"] and list(one_seed["rows"]["unet/ddpm"]) == [0]
