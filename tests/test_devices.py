@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import bench
+import bench_timing
 import runlib
 import train
 import unet
@@ -77,7 +77,7 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
 
 def test_the_gpu_check_runs_a_case_end_to_end_on_a_cpu(tmp_path):
     # The check's own machinery (train, resume, sample, read the log) on one tiny case, without CUDA.
-    results = bench.gpu_check(root=str(tmp_path / "check"), steps=1, cases=[("dtr", "unet-cpu", [])],
-                              flags=("--precision", "bf16", "--image-size", "16", "--batch-size", "4"), require_cuda=False)
+    results = bench_timing.gpu_check(root=str(tmp_path / "check"), steps=1, cases=[("dtr", "unet-cpu", [])],
+                                     flags=("--precision", "bf16", "--image-size", "16", "--batch-size", "4"), require_cuda=False)
     assert len(results) == 1 and results[0]["ok"], results
     assert results[0]["img_per_s"] > 0 and results[0]["loss"] > 0

@@ -1,0 +1,561 @@
+"""
+What every bench_*.py job shares: the profiles, training through train.py, scoring a checkpoint, the
+MT-Diffusion and JointNet evaluations, the timing primitives, and the store of finished units.
+
+Not a command of its own: `python bench.py` reaches it through the job modules bench_evidence.py (--cpu),
+bench_recipe.py (--recipe), bench_timing.py (the timings, --only, --gpu-check) and bench_report.py (--tiny,
+--quick, --full). May import the project's library files (data, diffusion, jointnet, methods, metrics,
+mtdiffusion, mtdiffusion_eval, runlib) and train.py; never a bench_*.py file.
+
+The job modules import it as `import bench_common as common` and call `common.call_train(...)`,
+`common.generate(...)`: these names are looked up here when called, so a test that replaces one of them
+in this module replaces it for every job.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import time
+
+import torch
+
+import data
+import diffusion
+import jointnet as jn
+import methods
+import metrics
+import mtdiffusion as mt
+import mtdiffusion_eval
+import runlib
+import train
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METHODS = ("ddpm", "minsnr", "dtr", "rtr", "dtr_minsnr")
+WEIGHTINGS = ("const", "snr", "max_snr", "min_snr")
+# What every profile sets. Rows share all of it: same data, image size, batch, steps, lr and seeds.
+#   checkpoints      steps at which each run is scored (FD / precision / recall); the last is the run length
+#   n_eval, n_ref    generated and held-out real images per score; eval_steps, eval_eta: their DDIM sampler
+#                    (eta 0: deterministic, so every row maps the same noise to its samples)
+#   grid_steps       DDIM steps of the sample grid train.py writes; rgb_heldout: jointnet.py's logged RGB batch
+#   speed_*          optimiser steps per timing and interleaved repeats; sample_n: batch of the sampling timings
+#   n_restore        held-out images for restoration, label and depth scores; mt_patches: hidden patches
+#   workers          data-loader processes of train.py (0: render in the training process)
+#   routing_cost     (model, image size, batch, repeats) of the DTR cost timings: one training step each
+#                    of none / dtr / none per repeat, in rotating order
+_COMMON = dict(models={"unet": "unet-cpu", "dit": "DiT-T/4"}, arches=("unet", "dit"), methods=METHODS,
+               targets=("x0", "eps", "v"), weightings=WEIGHTINGS, featnet=dict(), ddim_steps=50, ddpm_steps=None,
+               workers=0, eval_eta=0.0)
+PROFILES = {
+    # Seconds of CPU: one or two steps of every row, for the test suite.
+    "tiny": {**_COMMON, **dict(image_size=16, batch_size=8, lr=1e-3, warmup=1, checkpoints=(1, 2), seeds=(0,),
+                               log_every=1, methods=("ddpm", "dtr"), targets=("eps",), weightings=("const", "min_snr"),
+                               n_eval=8, n_ref=16, eval_steps=2, grid_steps=1, rgb_heldout=4,
+                               featnet=dict(n_train=64, n_test=32, steps=5), speed_steps=1, speed_repeats=1,
+                               speed_methods=("ddpm", "dtr", "mtdiff", "jointnet"), sample_n=2, ddim_steps=2,
+                               ddpm_steps=4, n_restore=4, mt_patches=2,
+                               routing_cost=(("unet-cpu", 16, 4, 3), ("DiT-T/4", 16, 4, 3)))},
+    # About 30 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
+    "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
+                                seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
+                                rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
+                                mt_patches=3, routing_cost=(("unet-cpu", 32, 16, 150), ("DiT-T/4", 32, 16, 150),
+                                                            ("DiT-S/2", 32, 8, 90)))},
+    # The recipe study (--recipe): variants of the plain ddpm baseline's settings, one seed; see bench_recipe.py.
+    "recipe": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, grad_clip=1.0, ema_decay=0.999,
+                                 schedule="linear", checkpoints=(4000,), seeds=(0,), log_every=50, n_eval=256, n_ref=1024,
+                                 eval_steps=50, eval_eta=1.0, grid_steps=10, speed_steps=3, speed_repeats=5)},
+    # Evidence on 2 CPU cores (--cpu): the base recipe of the study (results/recipe_cpu.md) with gradient clipping
+    # off (no measurable effect on the baseline; the Min-SNR authors' code does not clip), long enough for the
+    # eps baseline to learn (4,000 steps), every row x 3 seeds. The UNet only: DiT-T/4 at 16 px sees 16 tokens.
+    # All four weightings for eps (where the Min-SNR paper reports divergence), constant and min-SNR for v:
+    # the whole profile then fits 3 hours on 2 cores (two 1-thread workers).
+    "cpu": {**_COMMON, **dict(arches=("unet",), targets=("eps", "v"), image_size=16, batch_size=16, lr=1e-3, warmup=50,
+                              grad_clip=0.0, ema_decay=0.999, schedule="linear", checkpoints=(1000, 2000, 4000),
+                              seeds=(0, 1, 2), log_every=50, n_eval=256, n_ref=1024, eval_steps=100, eval_eta=1.0,
+                              grid_steps=10, rgb_heldout=16, n_restore=64, mt_patches=3, min_snr_gamma=5.0,
+                              max_snr_gamma=1.0, target_weightings={"v": ("const", "min_snr")})},
+    # One GPU: 32px, 10k steps of batch 128, three seeds (an overnight run).
+    "full": {**_COMMON, **dict(image_size=32, batch_size=128, lr=3e-4, warmup=500, checkpoints=(1000, 2500, 5000, 10000),
+                               seeds=(0, 1, 2), log_every=250, n_eval=2000, n_ref=5000, eval_steps=50, grid_steps=50,
+                               rgb_heldout=64, speed_steps=10, speed_repeats=7, sample_n=64, n_restore=500,
+                               mt_patches=5, workers=4,
+                               routing_cost=(("unet-cpu", 32, 16, 200), ("DiT-T/4", 32, 16, 200), ("DiT-S/2", 32, 128, 100),
+                                             ("unet-gpu", 64, 128, 100), ("DiT-B/2", 32, 128, 100)))},
+}
+
+
+def has_module(name):
+    return importlib.util.find_spec(name) is not None
+
+
+# -----------------------------------------------------------------------------
+# Training runs through train.py
+
+def call_train(argv, log_path):
+    """train.main in this process, its output appended to log_path; its signal handlers are undone
+    afterwards so Ctrl-C still stops bench."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            train.main(argv)
+    except SystemExit as e:
+        raise RuntimeError(f"python train.py {' '.join(argv)} failed ({e.code}); its output is in {log_path}") from None
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def common_flags(prof, arch, seed):
+    p = prof
+    flags = ["--model", p["models"][arch], "--image-size", str(p["image_size"]), "--batch-size", str(p["batch_size"]),
+             "--lr", str(p["lr"]), "--warmup", str(p["warmup"]), "--log-every", str(p["log_every"]),
+             "--ckpt-every", str(p["checkpoints"][-1]), "--sample-every", str(p["checkpoints"][-1]),
+             "--sample-steps", str(p["grid_steps"]), "--seed", str(seed), "--workers", str(p["workers"])]
+    for k in ("grad_clip", "ema_decay", "schedule"):  # recipe settings, where a profile fixes them
+        if k in p:
+            flags += [f"--{k.replace('_', '-')}", str(p[k])]
+    return flags
+
+
+def row_flags(prof, spec, seed, extra=()):
+    """train.py's arguments for one row ({name, arch, method, flags}) with one seed under a profile."""
+    return ["--method", spec["method"], *spec.get("flags", ()), *common_flags(prof, spec["arch"], seed), *extra]
+
+
+def run_dir(root, name, seed):
+    """A row's run folder for one seed ('unet/ddpm', 0 -> ROOT/unet_ddpm-seed0)."""
+    return os.path.join(root, f"{name}-seed{seed}".replace("/", "_"))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def loss_bins(log, after_step):
+    """Mean unweighted loss per timestep decile over the log records after `after_step`."""
+    recs = [r for r in log if r["step"] > after_step] or log
+    return [None if not vals else sum(vals) / len(vals)
+            for vals in ([r["loss_bins"][i] for r in recs if r["loss_bins"][i] is not None] for i in range(10))]
+
+
+def run_key(spec):
+    """What a row's training depends on. Weighting 'snr' for eps and 'const' for x0 are weight 1, i.e. the
+    unweighted loss (minsnr.py), so those rows share the run of weighting 'none'."""
+    axes = {"target": "eps", "weighting": "none", "routing": "none", **methods.METHODS[spec["method"]].preset}
+    axes.update({k: spec[k] for k in ("target", "weighting") if k in spec})
+    if (axes["target"], axes["weighting"]) in (("eps", "snr"), ("x0", "const")):
+        axes["weighting"] = "none"
+    return (spec["arch"], axes["target"], axes["weighting"], axes["routing"])
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+class Scorer:
+    """The reference net and the features of n_ref held-out real images, computed once per profile. FD uses
+    all n_ref; precision/recall the first n_eval, since both depend on the sizes of the two sets (as equal
+    sizes in Kynkaanniemi et al.). Also the generated-class accuracy of class-conditional samples and the
+    colour statistics (metrics.py). `floor` scores n_eval further held-out real images with their true
+    labels: FD's noise floor and the class accuracy's ceiling at this N."""
+
+    def __init__(self, prof, cache=None):
+        S = prof["image_size"]
+        self.net, self.info = metrics.load_feature_net("shapes", S, 0, "trained", cache, **prof["featnet"])
+        self.net = self.net.to(DEVICE)
+        self.ref = metrics.extract_features(self.net, metrics.reference_images("shapes", S, prof["n_ref"]), device=DEVICE)
+        _, held, _ = metrics.reference_split("shapes", S)
+        self.floor = self(*metrics.stack_items(held, prof["n_eval"], prof["n_ref"]))
+
+    def __call__(self, images, labels=None):
+        feats = metrics.extract_features(self.net, images, device=DEVICE)
+        p, r = metrics.precision_recall(self.ref[:len(feats)], feats)
+        colour = metrics.channel_stats(images)
+        out = {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r,
+               "channel_dev": colour["channel_dev"], "std": statistics.fmean(colour["std"])}
+        if labels is not None:
+            out["class_acc"] = metrics.generated_class_accuracy(self.net.cpu(), images, labels)["accuracy"]
+            self.net.to(DEVICE)
+        return out
+
+
+@torch.no_grad()
+def generate(model, sched, cfg, n, steps, seed, eta=0.0, batch=256):
+    """n images from a run's model by DDIM(steps, eta) with the same noise for every row (bench fixes the
+    sampler itself, whatever train.py's sample grids use): the plain sampler for the ddpm family,
+    Algorithm 1's jointly generated image for MT-Diffusion, the RGB half of joint samples for JointNet and
+    Direct Extend. Labels cycle through the classes. Returns (images, labels or None when unconditional)."""
+    g = torch.Generator(DEVICE).manual_seed(10_000 + seed)
+    K = cfg["num_classes"]
+    out, labels = [], torch.arange(n) % K if K else None
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        shape = (b, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        y = labels[i:i + b].to(DEVICE) if K else None
+        if cfg["method"] == "mtdiff":
+            x = mt.mt_sample(model, sched, shape, steps, eta, target=cfg["target"], generator=g, device=DEVICE)[0]
+        elif cfg["method"] in ("jointnet", "direct_extend"):
+            x = jn.sample_joint(model, sched, cfg, b, steps, batch=b, eta=eta, labels=y, generator=g, device=DEVICE)[0]
+        else:
+            fn = diffusion.cfg_model(model, y, 1.0, K)
+            x = diffusion.ddim_sample(fn, sched, shape, steps, eta, cfg["target"], generator=g, device=DEVICE)
+        out.append(x.float().cpu())                                                  # (b, C, S, S)
+    return torch.cat(out), labels
+
+
+def sample_scores(scorer, path, n, steps, seed, eta, ema=True):
+    """The scores of n DDIM(steps, eta) samples (generate) of the checkpoint at path, EMA weights unless
+    ema=False."""
+    model, cfg, sched = methods.load_run(path, ema=ema, device=DEVICE)
+    return scorer(*generate(model, sched, cfg, n, steps, seed, eta))
+
+
+def checkpoint_scorer(prof, scorer, seed):
+    """score(checkpoint path, step): the profile's scores of one checkpoint of a run of this seed."""
+    def score(path, step):
+        return sample_scores(scorer, path, prof["n_eval"], prof["eval_steps"], seed, prof["eval_eta"])
+    return score
+
+
+# -----------------------------------------------------------------------------
+# The rows' extra evaluations, for the evidence profile and the whole-report profiles alike.
+# MT-Diffusion (mtdiffusion.py): masked-image restoration (Table 1) and the label head (Fig. 6).
+# JointNet (jointnet.py): RGB preservation (proxy for Fig. 8) and RGB -> depth (Table 2's metrics).
+
+# The masked task models images without labels (prepare_config sets num_classes 0); --class-cond 0 says so
+# up front, so that --resume (which skips prepare_config) agrees with the saved config.
+MT_MASKED = dict(group="mtdiff", name="unet/mtdiff-masked", arch="unet", method="mtdiff",
+                 flags=["--task", "masked", "--class-cond", "0"])
+MT_LABEL = dict(group="mtdiff", name="unet/mtdiff-label", arch="unet", method="mtdiff", flags=["--task", "label"])
+JOINT = [dict(group="jointnet", name=f"unet/{m}", arch="unet", method=m) for m in ("jointnet", "direct_extend")]
+
+
+@torch.no_grad()
+def sdedit(model_fn, sched, x_in, t0, steps, target, generator, known=None):
+    """SDEdit (Meng et al. 2022): noise x_in to t0 and run DDIM down to 0; with `known`, the known region
+    is replaced by its forward-noised copy before every step and by x_in at the end (replacement inpainting)."""
+    ts = [i for i in diffusion.timestep_subset(sched.T, steps).tolist() if i <= t0]
+    def noised(i):
+        t = torch.full((len(x_in),), i, device=x_in.device, dtype=torch.long)
+        return diffusion.q_sample(sched, x_in, t, torch.randn(x_in.shape, generator=generator, device=x_in.device))
+    x = noised(ts[0])
+    for i, i_prev in zip(ts, ts[1:] + [-1]):
+        if known is not None:
+            x = known * noised(i) + (1 - known) * x
+        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        x0, eps = diffusion.split_prediction(sched, x, t, model_fn(x, t), target, clip=True)
+        x = diffusion.ddim_step(sched, x, t, torch.full_like(t, i_prev), x0, eps, 0.0, torch.zeros_like(x))
+    return x if known is None else known * x_in + (1 - known) * x
+
+
+def held_out(S, n):
+    return data.first_items(data.build_dataset("shapes", S, "test", 0), n, DEVICE)
+
+
+@torch.no_grad()
+def restoration(prof, scorer, mt_ckpt, base_ckpt, seed):
+    """Restore n_restore held-out images with mt_patches square patches hidden: masked-region MSE,
+    change of the visible region, and LPIPS-style distance to the clean image."""
+    S, steps, n = prof["image_size"], prof["eval_steps"], prof["n_restore"]
+    b = held_out(S, n)
+    x0 = b["image"]
+    M = mt.patch_mask(torch.full((n,), prof["mt_patches"]), S, torch.Generator().manual_seed(seed)).to(DEVICE)
+    xm, keep = x0 * (1 - M), 1 - M                                                 # (n, 3, S, S), (n, 1, S, S)
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    model, cfg, sched = methods.load_run(mt_ckpt, device=DEVICE)
+    base, bcfg, _ = methods.load_run(base_ckpt, device=DEVICE)
+    fn = diffusion.cfg_model(base, b["label"] if bcfg["num_classes"] else None, 1.0, bcfg["num_classes"])
+    t0 = sched.T // 2
+    outs = {"masked input": xm,
+            f"ddpm + SDEdit (t0 = {t0})": sdedit(fn, sched, xm, t0, steps, bcfg["target"], g),
+            "ddpm + replacement": sdedit(fn, sched, xm, sched.T - 1, steps, bcfg["target"], g, keep),
+            "MT-Diffusion (Alg. 1)": mt.mt_sample(model, sched, xm.shape, steps, x=xm, target=cfg["target"],
+                                                  generator=g, device=DEVICE)[0],
+            "MT-Diffusion + paste": mt.mt_sample(model, sched, xm.shape, steps, x=xm, z0=xm, known=keep,
+                                                 target=cfg["target"], generator=g, device=DEVICE)[0]}
+    net = scorer.net
+    return {name: {"masked_mse": metrics.masked_region_mse(r, x0, M).mean().item(),
+                   "unmasked_change": metrics.unmasked_change(r, xm, M).mean().item(),
+                   "perceptual": metrics.perceptual_distance(net, r.clamp(-1, 1), x0).mean().item()}
+            for name, r in outs.items()}
+
+
+def label_accuracy(prof, ckpt):
+    """Held-out accuracy of the MT-Diffusion label head (t = 0, clean image) and of the same network
+    trained by cross-entropy for the same steps, on clean images and on x_t over uniform t
+    (mtdiffusion_eval.train_classifier)."""
+    model, cfg, _ = methods.load_run(ckpt, device=DEVICE)
+    b = held_out(prof["image_size"], prof["n_restore"])
+    def acc(net):
+        with torch.no_grad():
+            return (mt.read_modality(net, b["image"]).argmax(1) == b["label"]).float().mean().item()
+    return {"mt_head": acc(model), "supervised": acc(mtdiffusion_eval.train_classifier(cfg, DEVICE).eval()),
+            "supervised_noisy": acc(mtdiffusion_eval.train_classifier(cfg, DEVICE, noised=True).eval())}
+
+
+@torch.no_grad()
+def rgb_to_depth(prof, ckpt, seed):
+    model, cfg, sched = methods.load_run(ckpt, device=DEVICE)
+    b = held_out(prof["image_size"], prof["n_restore"])
+    x0, d0 = b["image"], b["depth"]
+    z0 = torch.cat([x0, d0], 1)                                                     # (n, 4, S, S)
+    known = torch.zeros_like(z0, dtype=torch.bool)
+    known[:, :x0.shape[1]] = True
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    y = b["label"] if cfg["num_classes"] else None
+    fn = diffusion.cfg_model(model, y, 1.0, cfg["num_classes"])
+    z = jn.joint_ddim(fn, sched, torch.randn(z0.shape, generator=g, device=DEVICE),
+                      diffusion.timestep_subset(sched.T, prof["eval_steps"]).tolist(), cfg["target"], z0, known, 0.0, g)
+    m = metrics.depth_metrics(z[:, x0.shape[1]:].cpu(), d0.cpu())
+    other = metrics.depth_metrics(d0.roll(1, 0).cpu(), d0.cpu())  # another image's depth: the uninformed level
+    return {"abs_rel": m["abs_rel"], "rmse": m["rmse"], "other_image_abs_rel": other["abs_rel"],
+            "other_image_rmse": other["rmse"]}
+
+
+# -----------------------------------------------------------------------------
+# Timing: training steps of a fixed batch, side by side in one process
+
+def make_config(argv):
+    """train.py's config for argv, with its data and method checks (what train.train does before training)."""
+    parser = train.get_parser()
+    args = parser.parse_args(argv)
+    cfg = train.resolve_config(args, {k for k, v in vars(args).items() if v != parser.get_default(k)})
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    train.describe_data(cfg, ds)
+    if methods.hook(cfg["method"], "prepare_config"):
+        methods.hook(cfg["method"], "prepare_config")(cfg)
+    train.check_image_size(cfg)
+    return cfg, ds, cfg["method"]
+
+
+def seeded_model(cfg):
+    """cfg's network built from torch seed 0, on DEVICE: every timing of a config starts from the same weights."""
+    torch.manual_seed(0)
+    return methods.build_model(cfg).to(DEVICE)
+
+
+def timed(run):
+    """Wall-clock seconds of run(), with the GPU's queued work included."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def timed_steps(s, batch, sched, k):
+    """Seconds for k optimiser steps of a setup on a fixed batch."""
+    s["model"].train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()  # as train.py
+    def steps():
+        for i in range(k):
+            torch.manual_seed(i)
+            rng = runlib.StepRandom(torch.Generator().manual_seed(i), len(batch["t"]), device=DEVICE)
+            with amp:
+                loss, _ = s["loss_fn"](s["model"], batch, sched, s["cfg"], rng)
+            s["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            s["opt"].step()
+    return timed(steps)
+
+
+def rotated(xs, r):
+    """xs started at position r mod len(xs): repeat r of an interleaved timing, so no item is always first."""
+    r %= len(xs)
+    return list(xs[r:]) + list(xs[:r])
+
+
+def interleaved(keys, repeats, run):
+    """{key: [run(key) of each repeat]}: every repeat runs every key once, in rotating order (rotated), so
+    that no key always runs right after another and a slow spell of a shared machine hits them alike."""
+    times = {k: [] for k in keys}
+    for r in range(repeats):
+        for k in rotated(list(keys), r):
+            times[k].append(run(k))
+    return times
+
+
+def fixed_batch(ds, B):
+    """The first B items of ds with timesteps, noise and label dropout drawn as train.py draws them."""
+    batch = data.first_items(ds, B, DEVICE)
+    g = torch.Generator().manual_seed(0)
+    batch["t"] = diffusion.sample_timesteps(B, 1000, generator=g).to(DEVICE)
+    batch["noise"] = torch.randn(batch["image"].shape, generator=g).to(DEVICE)
+    batch["label_drop"] = (torch.rand(B, generator=g) < 0.1).to(DEVICE)  # --cfg-drop 0.1
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def mean_std(vals):
+    vals = [v for v in vals if isinstance(v, (int, float))]  # not None (missing) or DIVERGED
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def fmt(ms, digits=2):
+    if ms is None:
+        return "-"
+    return f"{ms['mean']:.{digits}f}" + (f" ± {ms['std']:.{digits}f}" if ms["n"] > 1 else "")
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, torch {torch.__version__}"
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# -----------------------------------------------------------------------------
+# The store of finished units (--cpu, --recipe): resumable profiles
+#
+# Every finished unit (one row, one seed, one checkpoint) is written to the results file at once; the
+# same command run again skips what is stored and continues a half-trained run from its checkpoint
+# (train.py resumes exactly), or retrains it from step 0 when the run folder is gone (training is
+# deterministic, so the stored scores stay valid).
+
+class Store:
+    """Finished units {key: result} in one JSON file, rewritten atomically after every unit. `settings` is
+    what the results depend on: a file written with other settings is refused, not mixed in. Several
+    processes may share one store: put() merges under a file lock, get() sees what others have stored."""
+
+    def __init__(self, path, settings):
+        self.path, self.doc, self.seen = path, {"settings": settings, "units": {}}, None
+        self.refresh()
+
+    def refresh(self):
+        """Re-read the file if another process rewrote it."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_mtime_ns, st.st_size) == self.seen:
+            return
+        with open(self.path) as f:
+            old = json.load(f)
+        if json.dumps(old.get("settings"), sort_keys=True) != json.dumps(self.doc["settings"], sort_keys=True):
+            raise ValueError(f"{self.path} holds results of other settings; pass another --json or move it away "
+                             "to start over")
+        self.doc["units"], self.seen = old["units"], (st.st_mtime_ns, st.st_size)
+        if "invocations" in old:
+            self.doc["invocations"] = old["invocations"]
+
+    def get(self, key):
+        self.refresh()
+        return self.doc["units"].get(key)
+
+    def put(self, key, value):
+        self._update(lambda doc: doc["units"].__setitem__(key, value))
+
+    def log_invocation(self, record):
+        """Append one invocation that trained something ({date, wall_s, units, parallel}): the profile's
+        cost in all is the sum over them, however many times it was stopped and continued."""
+        self._update(lambda doc: doc.setdefault("invocations", []).append(record))
+
+    def _update(self, change):
+        with file_lock(self.path + ".lock"):
+            self.refresh()
+            change(self.doc)
+            tmp = f"{self.path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.doc, f, indent=1)
+            os.replace(tmp, self.path)
+            st = os.stat(self.path)
+            self.seen = (st.st_mtime_ns, st.st_size)
+
+
+@contextlib.contextmanager
+def file_lock(path, wait=True):
+    """An exclusive lock on a file (created if missing) while the block runs; the OS drops it when the
+    process dies, so a killed worker never leaves a stale lock. wait=False yields None if another process
+    holds it. Without fcntl (Windows) there is no locking: one process at a time (--parallel 1)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def unit_key(name, seed, step):
+    return f"{name}|seed{seed}|step{step}"
+
+
+def saved_step(out):
+    """The step of the checkpoint in a run folder, or None."""
+    path = os.path.join(out, "checkpoint.pt")
+    return runlib.load_checkpoint(path)["step"] if os.path.isfile(path) else None
+
+
+def train_row_resumable(prof, store, root, spec, seed, score, extra=(), need_checkpoint=False):
+    """Train one row with one seed to each checkpoint in turn and store score(checkpoint path, step) for
+    each; finished checkpoints are skipped. A run that stops on non-finite losses is stored as diverged.
+    need_checkpoint: retrain a finished row whose final checkpoint is gone (its scores are kept).
+    Returns {step: score} for every checkpoint reached."""
+    name, cks = spec["name"], prof["checkpoints"]
+    out = run_dir(root, name, seed)
+    keys = {c: unit_key(name, seed, c) for c in cks}
+    if any((store.get(k) or {}).get("diverged") for k in keys.values()) or (
+            all(store.get(k) is not None for k in keys.values()) and not (need_checkpoint and saved_step(out) != cks[-1])):
+        return {c: store.get(k) for c, k in keys.items() if store.get(k) is not None}
+    flags = row_flags(prof, spec, seed, extra)
+    at = saved_step(out)
+    if at is None or any(store.get(keys[c]) is None for c in cks if c < at):
+        at = None  # nothing to continue from: train from step 0 (deterministic, so stored scores stay valid)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+    for c in cks:
+        if at is not None and c < at:
+            continue
+        t0 = time.time()
+        if at is None or c > at:
+            argv = flags + ["--steps", str(c), "--out", out] if at is None else ["--resume", "--out", out, "--steps", str(c)]
+            try:
+                call_train(argv, out + ".log")
+            except RuntimeError as e:
+                if "not finite" not in str(e):  # train.py's one sentence for --max-nonfinite
+                    raise
+                store.put(keys[c], {"diverged": True, "message": str(e)})
+                print(f"[bench] {name} seed {seed} diverged before step {c}", flush=True)
+                break
+            if saved_step(out) != c:  # train.py saved and returned early: Ctrl-C or SIGTERM
+                raise KeyboardInterrupt
+        at = c
+        if store.get(keys[c]) is None:
+            result = score(os.path.join(out, "checkpoint.pt"), c)
+            result.update(train_s=time.time() - t0, loss_bins=loss_bins(read_log(out), max([0] + [x for x in cks if x < c])))
+            store.put(keys[c], result)
+            print(f"[bench] {name} seed {seed} step {c}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+    return {c: store.get(k) for c, k in keys.items() if store.get(k) is not None}
+
+
+def stored(store, key, compute):
+    """store[key], computed and stored first if missing."""
+    if store.get(key) is None:
+        store.put(key, compute())
+    return store.get(key)

@@ -1,0 +1,124 @@
+"""
+The recipe study: which shared settings make the plain ddpm baseline learn fastest per CPU-minute.
+
+    python bench.py --recipe     # results/recipe_cpu.json and .md; resumable
+
+Each variant changes one setting of the base recipe (the recipe profile in bench_common.PROFILES); the
+evidence profile (--cpu) trains every row with the recipe this study chose. May import bench_common.py
+and the project's library files.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import bench_common as common
+import diffusion
+import methods
+
+
+# Each variant changes one setting of the base recipe; the EMA model is scored at each
+# checkpoint with the profile's sampler; the base variant's last checkpoint is also scored with raw
+# weights and other samplers (evaluation only). Cost: seconds per training step of each variant,
+# timed side by side in one process (interleaved repeats in rotating order, best of each).
+RECIPE_VARIANTS = (
+    ("base", [], (500, 1000, 2000, 4000)),
+    ("lr 3e-4", ["--lr", "3e-4"], (500, 1000, 2000)),
+    ("lr 2e-3", ["--lr", "2e-3"], (500, 1000, 2000)),
+    ("no gradient clipping", ["--grad-clip", "0"], (500, 1000, 2000)),
+    ("EMA 0.99", ["--ema-decay", "0.99"], (500, 1000, 2000)),
+    ("cosine schedule", ["--schedule", "cosine"], (500, 1000, 2000)),
+    ("batch 64", ["--batch-size", "64"], (250, 500)),
+    ("32px", ["--image-size", "32"], (250, 500)),
+    # Not the baseline: the Min-SNR paper's recommended setting, as the candidate default of train.py.
+    ("v-prediction + min-SNR-5", ["--target", "v", "--weighting", "min_snr"], (500, 1000, 2000)),
+)
+RECIPE_SAMPLERS = (("DDIM-50, eta 0", 50, 0.0, True), ("DDIM-100, eta 1", 100, 1.0, True),
+                   ("DDIM-50, eta 1, raw weights", 50, 1.0, False))
+
+
+def recipe_study(prof, name, args, command):
+    t0 = time.time()
+    store = common.Store(args.json, json.loads(json.dumps({"profile": prof, "variants": RECIPE_VARIANTS, "samplers": RECIPE_SAMPLERS})))
+    root = args.runs
+    os.makedirs(root, exist_ok=True)
+    scorers = {}
+    def scorer_for(size):
+        if size not in scorers:
+            scorers[size] = common.Scorer({**prof, "image_size": size}, args.cache)
+        return scorers[size]
+    seed = prof["seeds"][0]
+    try:
+        for vname, flags, cks in RECIPE_VARIANTS:
+            size = int(flags[flags.index("--image-size") + 1]) if "--image-size" in flags else prof["image_size"]
+            sc = scorer_for(size)
+            def score(path, step, base=vname == "base", last=cks[-1]):
+                out = {}
+                for label, steps, eta, ema in ((f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}", prof["eval_steps"], prof["eval_eta"], True),) + (RECIPE_SAMPLERS if base and step == last else ()):
+                    out[label] = common.sample_scores(sc, path, prof["n_eval"], steps, seed, eta, ema)
+                return {"samplers": out}
+            spec = dict(name=f"recipe/{vname}", arch="unet", method="ddpm")
+            common.train_row_resumable({**prof, "checkpoints": cks}, store, root, spec, seed, score, extra=flags)
+        cost = common.stored(store, "cost", lambda: recipe_cost(prof))
+    except KeyboardInterrupt:
+        sys.exit(f"stopped; {len(store.doc['units'])} finished units are in {args.json}: run the same command to continue")
+    text = recipe_markdown(prof, store, cost, command, time.time() - t0, scorers)
+    common.write_text(args.md, text)
+    print(text)
+    return store.doc
+
+
+def recipe_cost(prof):
+    """Seconds per optimiser step of each variant: interleaved repeats in rotating order, best of each."""
+    setups = {}
+    for vname, flags, _ in RECIPE_VARIANTS:
+        cfg, ds, _ = common.make_config(["--method", "ddpm", *common.common_flags(prof, "unet", 0), *flags])
+        model = common.seeded_model(cfg)
+        setups[vname] = dict(model=model, cfg=cfg, loss_fn=methods.diffusion_training_loss,
+                             opt=torch.optim.AdamW(model.parameters(), lr=1e-5),
+                             batch=common.fixed_batch(ds, cfg["batch_size"]),
+                             sched=diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(common.DEVICE))
+    for s in setups.values():
+        common.timed_steps(s, s["batch"], s["sched"], 1)  # warm-up
+    n = prof["speed_steps"]
+    times = common.interleaved(list(setups), prof["speed_repeats"],
+                               lambda v: common.timed_steps(setups[v], setups[v]["batch"], setups[v]["sched"], n) / n)
+    return {"sec_per_step": {k: min(v) for k, v in times.items()}, "hardware": common.hardware()}
+
+
+def recipe_markdown(prof, store, cost, command, wall_s, scorers):
+    main_label = f"DDIM-{prof['eval_steps']}, eta {prof['eval_eta']:g}"
+    lines = ["# Recipe study: the plain ddpm baseline (eps-prediction, no weighting) on shapes", "",
+             f"`{command}`; {common.hardware()}; this invocation {wall_s / 60:.1f} min, all stored units "
+             f"{sum(u.get('train_s', 0) for u in store.doc['units'].values() if isinstance(u, dict)) / 60:.1f} min of "
+             f"training and scoring. One seed ({prof['seeds'][0]}). Base recipe: "
+             f"{prof['image_size']}px, {prof['models']['unet']}, batch {prof['batch_size']}, lr {prof['lr']}, warm-up "
+             f"{prof['warmup']}, gradient clipping {prof.get('grad_clip', 1.0)}, EMA {prof.get('ema_decay', 0.999)}, "
+             f"{prof.get('schedule', 'linear')} schedule; each variant changes one setting. Scores of {prof['n_eval']} "
+             f"EMA samples ({main_label}) per checkpoint: FD, generated-class accuracy (ceiling: held-out real images "
+             + ", ".join(f"{s}px {sc.info['accuracy']:.3f}" for s, sc in scorers.items()) + "; chance 0.25) and channel "
+             "deviation (real: " + ", ".join(f"{sc.floor['channel_dev']:.3f}" for sc in scorers.values()) + "). "
+             f"CPU-minutes = steps x the variant's timed seconds per step ({cost['hardware']}).", "",
+             "| variant | s/step | step | CPU-min | FD | class acc | channel dev | sample std |", "|---|---|---|---|---|---|---|---|"]
+    for vname, _, cks in RECIPE_VARIANTS:
+        sps = cost["sec_per_step"][vname]
+        for c in cks:
+            u = store.get(common.unit_key(f"recipe/{vname}", prof["seeds"][0], c))
+            if u is None or u.get("diverged"):
+                lines.append(f"| {vname} | {sps:.3f} | {c} | {c * sps / 60:.1f} | {'diverged' if u else 'not run'} | | | |")
+                continue
+            s = u["samplers"][main_label]
+            lines.append(f"| {vname} | {sps:.3f} | {c} | {c * sps / 60:.1f} | {s['fd']:.2f} | {s['class_acc']:.3f} | "
+                         f"{s['channel_dev']:.3f} | {s['std']:.3f} |")
+    lines += ["", "## Samplers and EMA (base variant, same checkpoints)", "", "| sampler | step | FD | class acc | channel dev |",
+              "|---|---|---|---|---|"]
+    _, _, cks = RECIPE_VARIANTS[0]
+    for label in [main_label] + [s[0] for s in RECIPE_SAMPLERS]:
+        for c in cks:
+            u = store.get(common.unit_key("recipe/base", prof["seeds"][0], c))
+            if u and not u.get("diverged") and label in u["samplers"]:
+                s = u["samplers"][label]
+                lines.append(f"| {label} | {c} | {s['fd']:.2f} | {s['class_acc']:.3f} | {s['channel_dev']:.3f} |")
+    return "\n".join(lines) + "\n"
