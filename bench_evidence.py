@@ -21,6 +21,7 @@ import time
 import scipy.stats
 
 import bench_common as common
+import bench_figures
 from bench_common import fmt, mean_std
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")  # the command the workers run
@@ -30,6 +31,8 @@ BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")  # 
 # Paired verdicts and the profile's rows
 
 LEVEL = 0.95  # of the claims' intervals
+# MT-Diffusion Table 1 (ImageNet 64, LPIPS): {m: (Clean-Masked, SDEdit, MT-Diffusion)}
+MT_TABLE1 = {5: (0.311, 0.400, 0.035), 10: (0.414, 0.466, 0.068), 15: (0.461, 0.497, 0.099), 20: (0.491, 0.513, 0.133)}
 
 
 def interval_name(level=LEVEL):
@@ -96,23 +99,23 @@ class Job:
 
 
 def evidence_jobs(prof, store, scorer, root):
-    """The profile's jobs in order: per seed, the ddpm row first (restoration and JointNet start from its
-    checkpoint), the other rows, then MT-Diffusion (masked-image training with restoration, Sec. 4.1; the
-    label head, Sec. 4.2) and JointNet / Direct Extend from the ddpm checkpoint (Sec. 3, Fig. 8). A run
-    whose checkpoint a pending evaluation needs (the ddpm base, the MT-Diffusion runs) is retrained when
-    its folder is gone."""
+    """The profile's jobs in order: per seed, the ddpm row first (JointNet starts from its checkpoint), the
+    other rows, then MT-Diffusion (variant X with its unconditional SDEdit baseline and the restoration
+    scores, Table 1; MT-Diffusion-E with the finetuned label scores, Fig. 6) and JointNet / Direct Extend
+    from the ddpm checkpoint (Sec. 3, Fig. 8). A run whose checkpoint a pending evaluation needs (the ddpm
+    base, the MT-Diffusion runs) is retrained when its folder is gone."""
     last, cks = prof["checkpoints"][-1], prof["checkpoints"]
-    masked, label, unit_key, train_row = common.MT_MASKED, common.MT_LABEL, common.unit_key, common.train_row_resumable
+    unit_key, train_row = common.unit_key, common.train_row_resumable
+    mt_x, uncond, mt_e = common.MT_X, common.MT_UNCOND, common.MT_E
     ckpt = lambda name, seed: os.path.join(common.run_dir(root, name, seed), "checkpoint.pt")
     has_ckpt = lambda name, seed: common.saved_step(common.run_dir(root, name, seed)) == last
     stored_all = lambda name, seed, steps: all(store.get(unit_key(name, seed, c)) is not None for c in steps) or \
         any((store.get(unit_key(name, seed, c)) or {}).get("diverged") for c in steps)
+    trained = lambda path, step: {"trained": True}  # a run that only an evaluation reads: nothing to score
     jobs = []
     for seed in prof["seeds"]:
         score = common.checkpoint_scorer(prof, scorer, seed)
-        pending = lambda seed=seed: [unit_key(masked["name"], seed, "restoration")] + \
-            [unit_key(j["name"], seed, "extras") for j in common.JOINT]
-        needs_base = lambda seed=seed: any(store.get(k) is None for k in pending(seed))
+        needs_base = lambda seed=seed: any(store.get(unit_key(j["name"], seed, "extras")) is None for j in common.JOINT)
         for spec in evidence_specs(prof):
             if "shared_with" in spec:
                 continue
@@ -123,21 +126,22 @@ def evidence_jobs(prof, store, scorer, root):
                             lambda spec=spec, seed=seed, base=base: stored_all(spec["name"], seed, cks) and not (
                                 base and needs_base(seed) and not has_ckpt(spec["name"], seed))))
 
-        def mt_masked(seed=seed, score=score, key=unit_key(masked["name"], seed, "restoration")):
-            train_row(prof, store, root, masked, seed, score, need_checkpoint=store.get(key) is None)
-            common.stored(store, key, lambda: common.restoration(prof, scorer, ckpt(masked["name"], seed),
-                                                                 ckpt("unet/ddpm", seed), seed))
-        key = unit_key(masked["name"], seed, "restoration")
-        jobs.append(Job(masked["name"], seed, mt_masked,
-                        lambda key=key, seed=seed: store.get(key) is not None and stored_all(masked["name"], seed, cks),
-                        lambda key=key, seed=seed: store.get(key) is not None or has_ckpt("unet/ddpm", seed)))
-
-        def mt_label(seed=seed, key=unit_key(label["name"], seed, "labels")):
-            train_row({**prof, "checkpoints": (last,)}, store, root, label, seed, lambda p, s: {"trained": True},
+        def restoration(seed=seed, score=score, key=unit_key(mt_x["name"], seed, "restoration")):
+            train_row(prof, store, root, mt_x, seed, score, need_checkpoint=store.get(key) is None)
+            train_row({**prof, "checkpoints": (last,)}, store, root, uncond, seed, trained,
                       need_checkpoint=store.get(key) is None)
-            common.stored(store, key, lambda: common.label_accuracy(prof, ckpt(label["name"], seed)))
-        key = unit_key(label["name"], seed, "labels")
-        jobs.append(Job(label["name"], seed, mt_label, lambda key=key: store.get(key) is not None))
+            common.stored(store, key, lambda: common.mt_restoration(prof, scorer, ckpt(mt_x["name"], seed),
+                                                                    ckpt(uncond["name"], seed), seed))
+        key = unit_key(mt_x["name"], seed, "restoration")
+        jobs.append(Job(mt_x["name"], seed, restoration,
+                        lambda key=key, seed=seed: store.get(key) is not None and stored_all(mt_x["name"], seed, cks)))
+
+        def labels(seed=seed, key=unit_key(mt_e["name"], seed, "labels")):
+            train_row({**prof, "checkpoints": (last,)}, store, root, mt_e, seed, trained,
+                      need_checkpoint=store.get(key) is None)
+            common.stored(store, key, lambda: common.mt_labels(prof, ckpt(mt_e["name"], seed), seed))
+        key = unit_key(mt_e["name"], seed, "labels")
+        jobs.append(Job(mt_e["name"], seed, labels, lambda key=key: store.get(key) is not None))
 
         for spec in common.JOINT:
             key = unit_key(spec["name"], seed, "extras")
@@ -189,21 +193,23 @@ def run_jobs(jobs, lock_dir, poll=10.0, log=print):
 
 def rows_from_store(prof, store):
     """{row name: {seed: {step: scores, plus the row's extras}}} of every stored unit; rows that share a run
-    read its units."""
+    read its units. Extras: "restoration" (MT-Diffusion-X), "labels" (MT-Diffusion-E, and the eps-recipe
+    label run of earlier profiles where stored), JointNet's "rgb_heldout" and "depth"."""
     rows, unit_key = {}, common.unit_key
-    specs = evidence_specs(prof) + [common.MT_MASKED, common.MT_LABEL, *common.JOINT]
+    specs = evidence_specs(prof) + [common.MT_X, *common.JOINT]
     for seed in prof["seeds"]:
         for spec in specs:
             src = spec.get("shared_with", spec["name"])
             r = {c: store.get(unit_key(src, seed, c)) for c in prof["checkpoints"] if store.get(unit_key(src, seed, c))}
-            if spec is common.MT_LABEL:
-                r = {"labels": store.get(unit_key(src, seed, "labels"))} if store.get(unit_key(src, seed, "labels")) else {}
             if store.get(unit_key(src, seed, "restoration")):
                 r["restoration"] = store.get(unit_key(src, seed, "restoration"))
             r.update(store.get(unit_key(src, seed, "extras")) or {})
             if r:
                 rows.setdefault(spec["name"], {})[seed] = r
-    return rows, [s["name"] for s in specs]
+        for name in (common.MT_E["name"], common.MT_LABEL_EPS):
+            if store.get(unit_key(name, seed, "labels")):
+                rows.setdefault(name, {})[seed] = {"labels": store.get(unit_key(name, seed, "labels"))}
+    return rows, [s["name"] for s in specs] + [common.MT_E["name"]]
 
 
 DIVERGED = "diverged"
@@ -253,7 +259,7 @@ def evidence_claims(prof, rows, names):
     about rows it does not run is left out; one whose rows have fewer than 2 seeds stored says so)."""
     cks, last = prof["checkpoints"], prof["checkpoints"][-1]
     out = []
-    def add(claim, source, what, a, b, sign, va, vb, needs=None, higher_better=False):
+    def add(claim, source, what, a, b, sign, va, vb, needs=None, higher_better=False, paper=""):
         if any(n not in names for n in needs or (a, b)):
             return
         seeds = [s for s in va if va[s] is not None and vb.get(s) is not None]
@@ -261,7 +267,7 @@ def evidence_claims(prof, rows, names):
         worst = -math.inf if higher_better else math.inf
         val = lambda v: worst if v == DIVERGED else v
         side = lambda s: (val(va[s]) > val(vb[s])) - (val(va[s]) < val(vb[s]))  # +1: a > b, -1: a < b
-        c = dict(claim=claim, source=source, metric=what, a=a, b=b, sign=sign, n=len(seeds),
+        c = dict(claim=claim, source=source, paper=paper, metric=what, a=a, b=b, sign=sign, n=len(seeds),
                  sign_count=[sum(side(s) == sign for s in seeds), len(seeds)])  # seeds on the claim's side, of n
         if len(seeds) < 2:
             out.append({**c, "verdict": "not enough seeds yet"})
@@ -280,47 +286,58 @@ def evidence_claims(prof, rows, names):
     auc = lambda n: mean_over_checkpoints(rows, n, "fd", cks)
     for a in prof["arches"]:
         p = lambda m: f"{a}/{m}"
-        add(f"DTR lowers FD ({a})", "DTR Table 1", f"FD@{last}", p("dtr"), p("ddpm"), -1, fd(p("dtr")), fd(p("ddpm")))
+        add(f"DTR lowers FD ({a})", "DTR Table 1", f"FD@{last}", p("dtr"), p("ddpm"), -1, fd(p("dtr")), fd(p("ddpm")),
+            paper="ADM, ImageNet 64: FID 4.91 vs 6.34")
         add(f"DTR raises generated-class accuracy ({a})", "DTR Table 1", f"class acc@{last}", p("dtr"), p("ddpm"), +1,
-            acc(p("dtr")), acc(p("ddpm")), higher_better=True)
+            acc(p("dtr")), acc(p("ddpm")), higher_better=True, paper="ADM, ImageNet 64: IS 82.4 vs 72.1")
         add(f"DTR converges faster ({a})", "DTR Fig. 5", "FD mean over checkpoints", p("dtr"), p("ddpm"), -1,
-            auc(p("dtr")), auc(p("ddpm")))
+            auc(p("dtr")), auc(p("ddpm")), paper="DiT-S/B/L: lower FID-10K at every iteration")
         add(f"random routing (R-TR) is worse than DTR ({a})", "DTR Table 1", f"FD@{last}", p("rtr"), p("dtr"), +1,
-            fd(p("rtr")), fd(p("dtr")))
+            fd(p("rtr")), fd(p("dtr")), paper="ADM, ImageNet 64: FID 7.34 vs 4.91")
         add(f"DTR + Min-SNR beats DTR ({a})", "DTR Table 2", f"FD@{last}", p("dtr_minsnr"), p("dtr"), -1,
-            fd(p("dtr_minsnr")), fd(p("dtr")))
+            fd(p("dtr_minsnr")), fd(p("dtr")), paper="DiT-L/2, ImageNet 256: FID 8.24 vs 8.90")
         add(f"DTR + Min-SNR beats Min-SNR ({a})", "DTR Table 2", f"FD@{last}", p("dtr_minsnr"), p("minsnr"), -1,
-            fd(p("dtr_minsnr")), fd(p("minsnr")))
+            fd(p("dtr_minsnr")), fd(p("minsnr")), paper="DiT-L/2, ImageNet 256: FID 8.24 vs 9.58")
     for t in prof["targets"]:
         for w in weightings_for(prof, t):
             if w != "min_snr":
                 a, b = f"unet/{t}/min_snr", f"unet/{t}/{w}"
                 add(f"min-SNR-{prof['min_snr_gamma']:g} converges faster than {w} ({t}-prediction)", "Min-SNR Fig. 5",
-                    "FD mean over checkpoints", a, b, -1, auc(a), auc(b))
-    rest = with_key(rows, "unet/mtdiff-masked", "restoration")
-    if rest:
-        ours = {s: min(r["restoration"][k]["masked_mse"] for k in ("MT-Diffusion (Alg. 1)", "MT-Diffusion + paste"))
-                for s, r in rest.items()}
-        base = {s: min(v["masked_mse"] for k, v in r["restoration"].items() if k.startswith("ddpm")) for s, r in rest.items()}
-        add("masked-image training restores better than SDEdit / replacement", "MT-Diffusion Table 1", "masked-region MSE",
-            "MT-Diffusion (better of Alg. 1 and + paste)", "ddpm (better of SDEdit and replacement)", -1, ours, base,
-            needs=("unet/mtdiff-masked",))
-    labs = {s: r["labels"] for s, r in rows.get("unet/mtdiff-label", {}).items()}
-    if labs:
-        head = {s: v["mt_head"] for s, v in labs.items()}
-        add("the label head beats the same network trained by cross-entropy over uniform t", "MT-Diffusion Fig. 6",
-            "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, uniform t", +1, head,
-            {s: v["supervised_noisy"] for s, v in labs.items()}, needs=("unet/mtdiff-label",), higher_better=True)
-        add("the label head beats a classifier trained on clean images", "MT-Diffusion Fig. 6",
-            "held-out accuracy (t = 0)", "MT-Diffusion head", "cross-entropy, clean images", +1, head,
-            {s: v["supervised"] for s, v in labs.items()}, needs=("unet/mtdiff-label",), higher_better=True)
+                    "FD mean over checkpoints", a, b, -1, auc(a), auc(b),
+                    paper="ViT-B, ImageNet 256: 3.4x faster to FID 10")
+    rest = with_key(rows, common.MT_X["name"], "restoration")
+    for m in prof.get("restore_patches", ()):
+        per = {s: r["restoration"][str(m)] for s, r in rest.items() if str(m) in r["restoration"]}
+        col = lambda row, metric: {s: v[row][metric] for s, v in per.items()}
+        paper = MT_TABLE1.get(m)
+        ours = col("Algorithm 1", "perceptual")
+        add(f"Algorithm 1 restores closer to the original than the masked input (Mask-{m})", "MT-Diffusion Table 1",
+            "perceptual distance", "Algorithm 1", "Clean-Masked", -1, ours, col("Clean-Masked", "perceptual"),
+            needs=(common.MT_X["name"],), paper=paper and f"LPIPS {paper[2]} vs {paper[0]}")
+        for t0 in ("T/2", "T/4"):
+            sd = f"SDEdit (t0 = {t0})"
+            add(f"Algorithm 1 restores closer to the original than SDEdit, t0 = {t0} (Mask-{m})", "MT-Diffusion Table 1",
+                "perceptual distance", "Algorithm 1", sd, -1, ours, col(sd, "perceptual"), needs=(common.MT_X["name"],),
+                paper=paper and f"LPIPS {paper[2]} vs {paper[1]}")
+            add(f"Algorithm 1 changes the visible region less than SDEdit, t0 = {t0} (Mask-{m})", "MT-Diffusion Sec. 4.1",
+                "unmasked change", "Algorithm 1", sd, -1, col("Algorithm 1", "unmasked_change"),
+                col(sd, "unmasked_change"), needs=(common.MT_X["name"],), paper="restores without changing unmasked regions")
+    labs = {s: r["labels"] for s, r in rows.get(common.MT_E["name"], {}).items()}
+    for k in prof.get("finetune_steps", ()):
+        curve = lambda name: {s: v[name][str(k)]["noised"] for s, v in labs.items() if str(k) in v[name]}
+        add(f"MT-Diffusion-E's classifier beats a noise-aware classifier after {k} finetuning steps", "MT-Diffusion Fig. 6",
+            "held-out accuracy, noised images", common.MT_E["name"], "noise-aware classifier", +1, curve("mt"),
+            curve("baseline"), needs=(common.MT_E["name"],), higher_better=True,
+            paper="above ADM's finetuned classifier at every step, 1k-6k (top-1, top-5)")
     jn, de = with_key(rows, "unet/jointnet", "rgb_heldout"), with_key(rows, "unet/direct_extend", "rgb_heldout")
     if jn and de:
         rise = lambda rs: {s: r["rgb_heldout"]["last"] / r["rgb_heldout"]["first"] - 1 for s, r in rs.items()}
         add("Direct Extend forgets RGB more than JointNet", "JointNet Sec. 3 (Fig. 8's samples)",
-            "relative rise of the held-out RGB loss", "unet/direct_extend", "unet/jointnet", +1, rise(de), rise(jn))
+            "relative rise of the held-out RGB loss", "unet/direct_extend", "unet/jointnet", +1, rise(de), rise(jn),
+            paper="Direct Extend loses RGB generation early; JointNet keeps it (samples)")
         add("JointNet's RGB samples are better than Direct Extend's", "JointNet Fig. 8", f"RGB FD@{last}",
-            "unet/jointnet", "unet/direct_extend", -1, fd("unet/jointnet"), fd("unet/direct_extend"))
+            "unet/jointnet", "unet/direct_extend", -1, fd("unet/jointnet"), fd("unet/direct_extend"),
+            paper="the same samples (no number)")
     return out
 
 
@@ -421,18 +438,20 @@ def evidence_markdown(report):
              f"accuracy {fmt(b['class_acc'], 3)}: " + ("-" if b["of_ceiling"] is None else
              f"{b['of_ceiling']:.2f} of the ceiling (the profile's target: at least 0.6), {b['relative']:.2f} of the way "
              "from chance to the ceiling") + ".", "",
-             "## Claims", "", "| claim | paper | metric | a | b | mean a | mean b | "
+             "## Claims", "", "The paper's own figure stands beside each claim: what was measured at scale, next to "
+             "what reproduces here.", "",
+             "| claim | source | in the paper | metric | a | b | mean a | mean b | "
              f"a - b [{interval_name()}] | seeds on the claim's side | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["claims"]:
         k_of_n = "{} of {}".format(*c["sign_count"])
+        head = f"| {c['claim']} | {c['source']} | {c.get('paper') or '-'} | {c['metric']} | {c['a']} | {c['b']} |"
         if "ci" not in c:
             why = "" if "diverged" not in c else f" (diverged: a in {c['diverged']['a']}, b in {c['diverged']['b']} seeds)"
-            lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | - | - | - | {k_of_n} | "
-                         f"{c['n']} | {c['verdict']}{why} |")
+            lines.append(f"{head} - | - | - | {k_of_n} | {c['n']} | {c['verdict']}{why} |")
             continue
-        lines.append(f"| {c['claim']} | {c['source']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.3f} | "
-                     f"{c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {k_of_n} | {c['n']} | **{c['verdict']}** |")
+        lines.append(f"{head} {c['mean_a']:.3f} | {c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {k_of_n} | {c['n']} | "
+                     f"**{c['verdict']}** |")
     cols = " | ".join(f"FD@{c}" for c in cks)
     lines += ["", "## Rows", "", "Mean ± std over seeds. Channel deviation: mean |pixel channel - pixel mean| "
               f"(real images: {report['floor']['channel_dev']:.3f}).", "",
@@ -454,19 +473,7 @@ def evidence_markdown(report):
         top = p["checkpoints"][-1] / p["checkpoints"][0]
         lines += [f"| {r['target']} | {r['weighting']} | " + ", ".join(
             "-" if x is None else f"{'≥ ' if x >= top else ''}{x:.2f}x" for x in r["speedup"].values()) + " |" for r in tt]
-    rest = with_key(rows, "unet/mtdiff-masked", "restoration")
-    if rest:
-        lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {p['mt_patches']} hidden patches)", "",
-                  "| method | masked-region MSE | unmasked change | seeds |", "|---|---|---|---|"]
-        for k in next(iter(rest.values()))["restoration"]:
-            m = lambda f: mean_std([r["restoration"][k][f] for r in rest.values()])
-            lines.append(f"| {k} | {fmt(m('masked_mse'), 4)} | {fmt(m('unmasked_change'), 4)} | {len(rest)} |")
-    labs = [r["labels"] for r in rows.get("unet/mtdiff-label", {}).values()]
-    if labs:
-        lines += ["", "## MT-Diffusion label head (held-out accuracy at t = 0)", "", "| model | accuracy | seeds |", "|---|---|---|"]
-        for k, title in (("mt_head", "MT-Diffusion head"), ("supervised_noisy", "same network, cross-entropy over uniform t"),
-                         ("supervised", "same network, cross-entropy on clean images")):
-            lines.append(f"| {title} | {fmt(mean_std([x[k] for x in labs]), 3)} | {len(labs)} |")
+    lines += mt_markdown(p, rows)
     jn = {n: with_key(rows, n, "rgb_heldout") for n in ("unet/jointnet", "unet/direct_extend")}
     if all(jn.values()):
         lines += ["", "## JointNet and Direct Extend", "", "RGB -> depth is the replacement-only setting (known RGB pasted at "
@@ -477,6 +484,49 @@ def evidence_markdown(report):
             lines.append(f"| {n} | {fmt(m(lambda r: r['rgb_heldout']['first']), 4)} | {fmt(m(lambda r: r['rgb_heldout']['last']), 4)} | "
                          f"{fmt(m(lambda r: r['depth']['abs_rel']), 4)} | {fmt(m(lambda r: r['depth']['rmse']), 4)} | {len(rs)} |")
     return "\n".join(lines) + "\n"
+
+
+def mt_markdown(p, rows):
+    """The MT-Diffusion tables: restoration at every m (Table 1's rows and the extras), and the label
+    accuracies over finetuning steps (Fig. 6), with the eps-recipe label run's reference numbers."""
+    lines, rest = [], with_key(rows, common.MT_X["name"], "restoration")
+    if rest:
+        ms = [m for m in p.get("restore_patches", ()) if all(str(m) in r["restoration"] for r in rest.values())]
+        names = list(next(iter(rest.values()))["restoration"][str(ms[0])]) if ms else []
+        lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {len(rest)} seeds)", "",
+                  "Perceptual distance to the original (LPIPS's formula in the reference CNN's features, standing in for "
+                  "LPIPS), with masked-region MSE and the change of the visible region in brackets; mean ± std over "
+                  "seeds. Clean-Masked, SDEdit and Algorithm 1 are Table 1's rows; '+ paste' and replacement are extras. "
+                  "The paper's LPIPS (ImageNet 64) at m = 5 / 10 / 15 / 20: Clean-Masked "
+                  + " / ".join(f"{MT_TABLE1[m][0]}" for m in sorted(MT_TABLE1)) + ", SDEdit "
+                  + " / ".join(f"{MT_TABLE1[m][1]}" for m in sorted(MT_TABLE1)) + ", MT-Diffusion "
+                  + " / ".join(f"{MT_TABLE1[m][2]}" for m in sorted(MT_TABLE1)) + ".", "",
+                  "| row | " + " | ".join(f"Mask-{m}" for m in ms) + " |", "|---" * (len(ms) + 1) + "|"]
+        for name in names:
+            cell = lambda m, f: mean_std([r["restoration"][str(m)][name][f] for r in rest.values()])
+            lines.append(f"| {name} | " + " | ".join(
+                f"{fmt(cell(m, 'perceptual'), 3)} ({fmt(cell(m, 'masked_mse'), 3)}; {fmt(cell(m, 'unmasked_change'), 3)})"
+                for m in ms) + " |")
+    labs = [r["labels"] for r in rows.get(common.MT_E["name"], {}).values()]
+    if labs:
+        ks = sorted({int(k) for x in labs for k in x["mt"]})
+        lines += ["", f"## MT-Diffusion-E's classifier against a noise-aware classifier ({p.get('n_label')} held-out "
+                  f"images, {len(labs)} seeds)", "",
+                  "Accuracy on held-out images noised at fixed shared draws of t ~ U{0..T-1} (Fig. 6's metric), and on "
+                  "the clean images (t = 0), after K steps of finetuning by noised cross-entropy (K = 0: as trained). "
+                  "Mean ± std over seeds; chance is 0.25.", "",
+                  "| model | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for name, title in (("mt", "MT-Diffusion-E, noised"), ("baseline", "noise-aware classifier, noised"),
+                            ("mt", "MT-Diffusion-E, t = 0"), ("baseline", "noise-aware classifier, t = 0")):
+            f = "noised" if title.endswith("noised") else "clean"
+            lines.append(f"| {title} | " + " | ".join(
+                fmt(mean_std([x[name][str(k)][f] for x in labs if str(k) in x[name]]), 3) for k in ks) + " |")
+    ref = [r["labels"] for r in rows.get(common.MT_LABEL_EPS, {}).values()]
+    if ref:
+        lines += ["", f"Reference rows (not claims), from the eps-recipe label run of earlier profiles ({len(ref)} seeds): "
+                  f"held-out accuracy at t = 0 of its raw M head {fmt(mean_std([x['mt_head'] for x in ref]), 3)}, of the "
+                  f"same network trained by cross-entropy on clean images {fmt(mean_std([x['supervised'] for x in ref]), 3)}."]
+    return lines
 
 
 # Which rows, seeds and checkpoints a profile runs: these may change between invocations, since a unit is
@@ -502,6 +552,12 @@ def evidence_tables(prof, name, args, command, store, scorer, **header):
     report.update(header)
     text = evidence_markdown(report)
     common.write_text(args.md, text)
+    main_rows = [n for n in ("unet/ddpm", "unet/dtr", "unet/rtr", "unet/minsnr", "unet/dtr_minsnr", "unet/eps/const",
+                             "unet/v/min_snr", common.MT_X["name"]) if n in names]
+    svg = bench_figures.fd_curves_svg(rows, main_rows, prof["checkpoints"], f"FD against training steps ({name} profile; "
+                                      "thick: mean over seeds, thin: each seed)")
+    if svg:
+        common.write_text(os.path.splitext(args.md)[0] + "_fd.svg", svg)
     print(text)
     return report
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 import bench_common as common
+import config
 import diffusion
 import methods
 
@@ -74,7 +75,7 @@ def recipe_cost(prof):
     """Seconds per optimiser step of each variant: interleaved repeats in rotating order, best of each."""
     setups = {}
     for vname, flags, _ in RECIPE_VARIANTS:
-        cfg, ds, _ = common.make_config(["--method", "ddpm", *common.common_flags(prof, "unet", 0), *flags])
+        cfg, ds, _ = config.make_config(["--method", "ddpm", *common.common_flags(prof, "unet", 0), *flags])
         model = common.seeded_model(cfg)
         setups[vname] = dict(model=model, cfg=cfg, loss_fn=methods.diffusion_training_loss,
                              opt=torch.optim.AdamW(model.parameters(), lr=1e-5),

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 
 import bench_common as common
+import config
 import diffusion
 import dtr
 import methods
@@ -41,7 +42,7 @@ def speed_setups(prof, arch, init):
     for m in [m for m in names if m in prof.get("speed_methods", names)]:
         # --rgb-heldout 0: the held-out RGB loss jointnet.py logs is evaluation, not part of a training step.
         extra = ["--init", init, "--rgb-heldout", "0"] if m in ("jointnet", "direct_extend") else []
-        cfg, ds, _ = common.make_config(["--method", m, *common.common_flags(prof, arch, 0), *extra])
+        cfg, ds, _ = config.make_config(["--method", m, *common.common_flags(prof, arch, 0), *extra])
         model = common.seeded_model(cfg)
         if methods.hook(m, "init_model"):
             methods.hook(m, "init_model")(model, cfg)
@@ -82,7 +83,7 @@ def sampling_speed(prof, arch):
     sched = diffusion.Schedule.make("linear", 1000).to(common.DEVICE)
     fns = {}
     for m in ("ddpm", "dtr"):
-        cfg, _, _ = common.make_config(["--method", m, *common.common_flags(prof, arch, 0)])
+        cfg, _, _ = config.make_config(["--method", m, *common.common_flags(prof, arch, 0)])
         model = common.seeded_model(cfg).eval()
         fns[m] = diffusion.cfg_model(model, torch.arange(n, device=common.DEVICE) % cfg["num_classes"], 1.0, cfg["num_classes"])
         fns[m](torch.randn(n, 3, S, S, device=common.DEVICE), torch.zeros(n, dtype=torch.long, device=common.DEVICE))  # warm-up
@@ -115,7 +116,7 @@ def timing_setup(prof, model_name, size, batch_size):
     """The ddpm config, data and seeded model of one timing row: a model preset at an image size and batch."""
     arch = "dit" if model_name.startswith("DiT") else "unet"
     p = {**prof, "models": {arch: model_name}, "image_size": size, "batch_size": batch_size}
-    cfg, ds, _ = common.make_config(["--method", "ddpm", *common.common_flags(p, arch, 0)])
+    cfg, ds, _ = config.make_config(["--method", "ddpm", *common.common_flags(p, arch, 0)])
     return cfg, ds, common.seeded_model(cfg)
 
 

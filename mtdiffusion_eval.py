@@ -15,9 +15,9 @@ import argparse
 import copy
 
 import torch
-import torch.nn.functional as F
 
 import data
+import diffusion
 import metrics
 import runlib
 from diffusion import Schedule, q_sample, sdedit_timesteps
@@ -58,17 +58,9 @@ def train_classifier(cfg, device, noised=False):
         x0, y = b["image"].to(device), b["label"].to(device)
         for group in opt.param_groups:
             group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
-        if noised:
-            t = torch.randint(0, sched.T, (len(x0),), device=device)
-            x_t = q_sample(sched, x0, t, torch.randn_like(x0))                    # (B, C, H, W)
-            loss = F.cross_entropy(model(x_t, t)[1], y)
-        else:
-            loss = F.cross_entropy(read_modality(model, x0), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
+        t = torch.randint(0, sched.T, (len(x0),), device=device) if noised else torch.zeros_like(y)
+        x_t = q_sample(sched, x0, t, torch.randn_like(x0)) if noised else x0           # (B, C, H, W)
+        metrics.supervised_step(opt, model(x_t, t)[1], y, params, cfg["grad_clip"])
         runlib.update_ema(ema, model, min(cfg["ema_decay"], (2 + step) / (11 + step)))
     return ema
 
@@ -147,6 +139,116 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
         label_accuracy(model, cfg, b["image"], b["label"], args, device)
     else:
         translate_table(model, sample, b["image"], b["seg"], cfg["seg_classes"], args, out)
+
+
+# -----------------------------------------------------------------------------
+# The paper's two measurements as functions of trained models (bench_evidence.py runs them over seeds)
+
+RESTORE_PATCHES = (5, 10, 15, 20)  # Table 1's Mask-m
+
+
+@torch.no_grad()
+def restoration_scores(model, cfg, base, bcfg, sched, x0, net, patches=RESTORE_PATCHES, steps=100, seed=0,
+                       batch=64):
+    """Table 1 as the paper measures it: held-out images x0 (N, C, S, S) with m patches of side S/4 hidden
+    (the same masks for every row and seed: drawn from a fixed generator per m), restored by
+
+        Clean-Masked          the masked input itself (the paper's reference row)
+        SDEdit (t0 = T/2), SDEdit (t0 = T/4)   SDEdit (Meng et al. 2022) with `base`, a single-task
+                              unconditional model of the same recipe: the masked image noised to t0, then
+                              ancestral steps (eta 1) down to 0
+        Algorithm 1           MT-Diffusion given the masked image as its modality, ancestral steps (eta 1)
+                              from z_T ~ N(0, I), nothing pasted
+        Algorithm 1 + paste, replacement      extra rows: the known pixels forward-noised into z_t at every
+                              step (MT-Diffusion), and replacement inpainting with `base` (not in Table 1)
+
+    Scores per image, averaged: perceptual (LPIPS's formula in the reference CNN `net`'s features, the
+    stand-in for LPIPS), masked_mse (the hidden region against the original) and unmasked_change (the
+    visible region against the input). Every row draws its noise from a generator seeded with `seed`.
+    Returns {m: {row: {perceptual, masked_mse, unmasked_change}}}.
+    """
+    S, T = x0.shape[-1], sched.T
+    def alg1(xm, keep, g, paste=False):
+        kw = dict(z0=xm, known=keep[:, :1].float()) if paste else {}
+        return mt_sample(model, sched, xm.shape, steps, 1.0, x=xm, target=cfg["target"], generator=g,
+                         device=xm.device, **kw)[0]
+    def sdedit(xm, keep, g, t0, replace=False):
+        return diffusion.sdedit(lambda x, t: base(x, t), sched, xm, t0, steps, bcfg["target"], 1.0,
+                                keep if replace else None, g)
+    methods = {"Clean-Masked": lambda xm, keep, g: xm,
+               "SDEdit (t0 = T/2)": lambda xm, keep, g: sdedit(xm, keep, g, T // 2),
+               "SDEdit (t0 = T/4)": lambda xm, keep, g: sdedit(xm, keep, g, T // 4),
+               "Algorithm 1": alg1,
+               "Algorithm 1 + paste": lambda xm, keep, g: alg1(xm, keep, g, paste=True),
+               "replacement": lambda xm, keep, g: sdedit(xm, keep, g, T - 1, replace=True)}
+    scores = {}
+    for m in patches:
+        M = patch_mask(torch.full((len(x0),), m), S, torch.Generator().manual_seed(1000 + m)).to(x0)  # (N, 1, S, S)
+        xm, keep = x0 * (1 - M), (M == 0).expand_as(x0)                          # the masked input, known pixels
+        rows = {}
+        for name, restore in methods.items():
+            g = torch.Generator(x0.device).manual_seed(seed)
+            r = chunked(lambda a, k: [restore(a, k, g)], batch, xm, keep)[0].clamp(-1, 1)   # (N, C, S, S)
+            rows[name] = {"perceptual": metrics.perceptual_distance(net, r, x0).mean().item(),
+                          "masked_mse": metrics.masked_region_mse(r, x0, M).mean().item(),
+                          "unmasked_change": metrics.unmasked_change(r, xm, M).mean().item()}
+        scores[m] = rows
+    return scores
+
+
+def noised_accuracy(model, x0, y, t, eps, sched, batch=256):
+    """Held-out accuracy of a label head on x_t = q_sample(x0, t, eps) at given (t, eps) (Fig. 6's noised
+    validation images; t = 0: the clean images)."""
+    model.eval()
+    with torch.no_grad():
+        logits = chunked(lambda a, b, c: [model(q_sample(sched, a, b, c), b)[1]], batch, x0, t, eps)[0]
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def finetune_accuracies(model, cfg, sched, steps_at, evaluate, lr=3e-4, seed=0):
+    """Fig. 6's finetuning: continue training a copy of `model` (its backbone and label head) by noised
+    cross-entropy, x_t = q_sample(x0, t, eps) with t ~ U{0..T-1}, the guided-diffusion classifier recipe
+    (AdamW at lr, the run's batch size and gradient clipping, no EMA); returns {K: evaluate(copy)} after K
+    steps for every K in steps_at. Batches and draws come from `seed`, the same for every model."""
+    model = copy.deepcopy(model).requires_grad_(True).train()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", seed)
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=runlib.ResumableBatches(len(ds), cfg["batch_size"], seed)))
+    g, device, scores = torch.Generator().manual_seed(seed), next(model.parameters()).device, {}
+    for k in range(1, max(steps_at) + 1):
+        b = next(loader)
+        x0, y = b["image"].to(device), b["label"].to(device)
+        t = torch.randint(0, sched.T, (len(x0),), generator=g).to(device)
+        x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=g).to(device))   # (B, C, H, W)
+        metrics.supervised_step(opt, model(x_t, t)[1], y, params, cfg["grad_clip"])
+        if k in steps_at:
+            scores[k] = evaluate(model)
+            model.train()
+    return scores
+
+
+def label_scores(model, cfg, sched, x0, y, finetune_steps=(250, 500, 1000, 2000), seed=0, lr=3e-4):
+    """Fig. 6 as the paper measures it: the MT-Diffusion-E run's classifier and a noise-aware classifier
+    (the same network trained by noised cross-entropy alone, for as many steps as the MT run: the
+    stand-in for ADM's pretrained classifier), each finetuned by noised cross-entropy for K steps (the
+    same batches and draws), scored on held-out images x0, y at fixed shared draws of (t, eps), and at
+    t = 0. Returns {"mt": {K: {"noised", "clean"}}, "baseline": {...}}, K = 0 the models before finetuning."""
+    device = x0.device
+    g = torch.Generator().manual_seed(12345)  # the same held-out draws for every model, seed and K
+    t = torch.randint(0, sched.T, (len(x0),), generator=g).to(device)
+    eps = torch.randn(x0.shape, generator=g).to(x0)
+    def evaluate(net):
+        return {"noised": noised_accuracy(net, x0, y, t, eps, sched),
+                "clean": noised_accuracy(net, x0, y, torch.zeros_like(t), eps, sched)}
+    with torch.enable_grad():
+        baseline = train_classifier(cfg, device, noised=True)
+    out = {}
+    for name, net in (("mt", model), ("baseline", baseline)):
+        out[name] = {0: evaluate(net)}
+        with torch.enable_grad():
+            out[name].update(finetune_accuracies(net, cfg, sched, finetune_steps, evaluate, lr, seed))
+    return out
 
 
 def read_modality(model, x0):

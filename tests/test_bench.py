@@ -268,7 +268,7 @@ def test_store_refuses_other_settings(tmp_path):
 TINY_EVIDENCE = dict(arches=("unet",), methods=("ddpm", "dtr"), targets=("eps",), weightings=("const", "min_snr"),
                      checkpoints=(1, 2), seeds=(0, 1), image_size=16, batch_size=8, warmup=1, log_every=1,
                      n_eval=8, n_ref=16, eval_steps=2, grid_steps=1, featnet=dict(n_train=64, n_test=32, steps=5),
-                     rgb_heldout=4, n_restore=4, mt_patches=2)
+                     rgb_heldout=4, n_restore=4, restore_patches=(2,), n_label=8, finetune_steps=(1, 2))
 
 
 def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch):
@@ -277,10 +277,19 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
     args = ["--cpu", "--runs", str(tmp_path / "runs"), "--json", str(tmp_path / "e.json"), "--parallel", "1"]
     first = bench.main(args + ["--parallel", "2"])  # two worker processes share the jobs
     units = json.load(open(tmp_path / "e.json"))["units"]
-    for name in ("unet/ddpm", "unet/dtr", "unet/eps/const", "unet/mtdiff-masked", "unet/jointnet", "unet/direct_extend"):
+    for name in ("unet/ddpm", "unet/dtr", "unet/eps/const", "unet/mtdiff-X", "unet/jointnet", "unet/direct_extend"):
         for seed in (0, 1):
             for step in (1, 2):
                 assert bench_common.unit_key(name, seed, step) in units
+    for seed in (0, 1):  # MT-Diffusion as its paper measures it: Table 1's rows at every m, Fig. 6's curves
+        rest = units[bench_common.unit_key("unet/mtdiff-X", seed, "restoration")]["2"]
+        assert {"Clean-Masked", "SDEdit (t0 = T/2)", "SDEdit (t0 = T/4)", "Algorithm 1", "Algorithm 1 + paste",
+                "replacement"} == set(rest) and rest["Clean-Masked"]["unmasked_change"] == 0
+        labels = units[bench_common.unit_key("unet/mtdiff-E", seed, "labels")]
+        assert set(labels) == {"mt", "baseline"} and set(labels["mt"]) == {"0", "1", "2"}
+        assert 0 <= labels["baseline"]["2"]["noised"] <= 1
+    mt_claims = [c["claim"] for c in first["claims"] if c["source"].startswith("MT-Diffusion")]
+    assert any("SDEdit, t0 = T/4 (Mask-2)" in c for c in mt_claims) and any("after 2 finetuning" in c for c in mt_claims)
     assert "unet/eps/min_snr" in first["rows"] and "unet/minsnr" not in first["rows"]  # not a row of this profile
     assert all(c["verdict"] in ("holds", "contradicted", "unresolved", "not enough seeds") for c in first["claims"])
     assert len(first["baseline"]["fd"]) == 2

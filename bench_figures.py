@@ -1,0 +1,75 @@
+"""
+The evidence profile's pictures, drawn without plotting libraries: FD against training steps as an SVG
+(a small line-plot writer), and image grids as PNG through runlib.save_grid.
+
+    python bench.py --cpu --report    # rewrites results/bench_cpu_fd.svg with the tables
+
+Imports: bench_common.py (through the rows it is given, nothing else of the project).
+"""
+import math
+from xml.sax.saxutils import escape
+
+# A colour-blind-safe palette (Okabe & Ito), one colour per row.
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    span = hi - lo if hi > lo else abs(hi) or 1.0
+    raw = span / n
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    start = math.floor(lo / step) * step
+    return [round(start + i * step, 10) for i in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+def line_plot_svg(series, title, xlabel, ylabel, width=780, height=440):
+    """An SVG line plot. series: [(label, [(x, y), ...], style)] with style {"colour", "width", "dash",
+    "opacity", "legend"}; the legend lists the series whose style has legend=True."""
+    pts = [p for _, xy, _ in series for p in xy]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(0.0, max(ys))
+    left, right, top, bottom = 64, 250, 40, 52
+    pw, ph = width - left - right, height - top - bottom
+    X = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0] or 1) * pw
+    Y = lambda y: top + ph - (y - yt[0]) / (yt[-1] - yt[0] or 1) * ph
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="22" font-size="14">{escape(title)}</text>']
+    for t in xt:
+        out.append(f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{top + ph}" stroke="#ddd"/>'
+                   f'<text x="{X(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{t:g}</text>')
+    for t in yt:
+        out.append(f'<line x1="{left}" y1="{Y(t):.1f}" x2="{left + pw}" y2="{Y(t):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>'
+               f'<text x="{left + pw / 2}" y="{height - 12}" text-anchor="middle">{escape(xlabel)}</text>'
+               f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>')
+    legend = 0
+    for label, xy, st in series:
+        path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in xy)
+        dash = f' stroke-dasharray="{st["dash"]}"' if st.get("dash") else ""
+        out.append(f'<polyline points="{path}" fill="none" stroke="{st["colour"]}" stroke-width="{st.get("width", 2)}" '
+                   f'stroke-opacity="{st.get("opacity", 1)}"{dash}/>')
+        if st.get("legend"):
+            y = top + 10 + 18 * legend
+            out.append(f'<line x1="{left + pw + 12}" y1="{y}" x2="{left + pw + 36}" y2="{y}" stroke="{st["colour"]}" '
+                       f'stroke-width="{st.get("width", 2)}"{dash}/><text x="{left + pw + 42}" y="{y + 4}">{escape(label)}</text>')
+            legend += 1
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def fd_curves_svg(rows, names, checkpoints, title):
+    """FD against training steps for the rows `names` of an evidence profile's rows ({name: {seed: {step:
+    scores}}}): the mean over seeds as a thick line, every seed as a thin one; rows without all
+    checkpoints stored for a seed leave that seed out."""
+    series = []
+    for i, name in enumerate(n for n in names if n in rows):
+        colour = COLOURS[i % len(COLOURS)]
+        per_seed = {s: [(c, r[c]["fd"]) for c in checkpoints] for s, r in rows[name].items()
+                    if all(isinstance(r.get(c), dict) and r[c].get("fd") is not None for c in checkpoints)}
+        for s, xy in sorted(per_seed.items()):
+            series.append((f"{name} seed {s}", xy, dict(colour=colour, width=1, opacity=0.35)))
+        if per_seed:
+            mean = [(c, sum(xy[j][1] for xy in per_seed.values()) / len(per_seed)) for j, c in enumerate(checkpoints)]
+            series.append((f"{name} ({len(per_seed)} seeds)", mean, dict(colour=colour, width=3, legend=True)))
+    return line_plot_svg(series, title, "training steps", "FD (reference CNN features)") if series else None
