@@ -40,11 +40,7 @@ class FlagError(RunError):
 
 
 def get_parser(description=None):
-    try:  # a misspelt hook is refused here, before any flag is read
-        methods.check_registry()
-    except TypeError as e:
-        raise SystemExit(f"error: {e}") from None
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = methods.checked_parser(description)
     a = p.add_argument
     a("--method", default="minsnr_v", choices=list(methods.METHODS), help="a preset of methods.py's registry; "
       "default minsnr_v (Min-SNR-5, v-prediction); ddpm is the eps-prediction baseline the papers compare against")

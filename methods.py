@@ -90,6 +90,7 @@ SHAPE_KEYS (tuple), RESUME_HINTS (dict), SAMPLE_MODES (tuple)
     {key: what to do instead} ending a resume refusal's sentence; the method's sample.py --mode choices,
     the first being what the default mode `generate` means for it.
 """
+import argparse
 import difflib
 import inspect
 
@@ -196,6 +197,16 @@ def check_registry():
     """check_module for every registered module; train.py and sample.py call it as they build their parsers."""
     for module in modules():
         check_module(module)
+
+
+def checked_parser(description):
+    """The argparse parser of a command that reads the registry (train.py, sample.py), made after
+    check_registry: a misspelt hook is refused in one sentence before any flag is read."""
+    try:
+        check_registry()
+    except TypeError as e:
+        raise SystemExit(f"error: {e}") from None
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def hook(method, name):

@@ -11,7 +11,6 @@ model; `python metrics.py --samples OUT.npz` scores them). Methods with their ow
 (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices, implemented in their
 evaluation files (mtdiffusion_eval.py, jointnet_eval.py) and found through the registry in methods.py.
 """
-import argparse
 import os
 import sys
 
@@ -57,11 +56,7 @@ def generate(model, sched, cfg, args, n, offset, generator, device):
 
 
 def get_parser():
-    try:  # a misspelt hook is refused here, before any flag is read
-        methods.check_registry()
-    except TypeError as e:
-        raise SystemExit(f"error: {e}") from None
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = methods.checked_parser(__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint.pt written by train.py, or its run folder")
     a("--out", help="output path; .png and .npz are added (default: RUN/samples/MODE)")
