@@ -22,11 +22,12 @@ What is implemented (the authors released inference code only; this is a trainin
                    drop 0.5 unless given), a new run that --init's a stage-1 checkpoint and starts a fresh
                    optimiser over every weight. A stage-1 run cannot be resumed as stage 2 (its optimiser
                    holds the trainable half only), and --unfreeze over a plain RGB --init is refused (it
-                   would skip stage 1). log.jsonl's "rgb_heldout" (the log_values hook) is the RGB loss on
-                   a fixed held-out batch (fixed t and noise): a quantitative proxy for Fig. 8, which shows
-                   validation samples of JointNet and Direct Extend side by side as training goes on (a
-                   grid of samples, not a curve). It uses the shapes test split, or --heldout-data for a
-                   folder / .npz (which have no split of their own).
+                   would skip stage 1).
+In jointnet_eval.py (its sample.py modes, the log_values hook and the demo):
+    rgb_heldout    log.jsonl's RGB loss on a fixed held-out batch (fixed t and noise): a quantitative proxy
+                   for Fig. 8, which shows validation samples of JointNet and Direct Extend side by side as
+                   training goes on (a grid of samples, not a curve). It uses the shapes test split, or
+                   --heldout-data for a folder / .npz (which have no split of their own).
     samplers       joint DDIM; channel-wise (depth -> RGB, RGB -> depth) and spatial inpainting by replacing
                    the known part with its noised version at every step, one noise draw kept for all steps as
                    in the authors' pipeline (Sec. 4.1); SDEdit refinement of a nearest-upsampled
@@ -44,7 +45,7 @@ Run:
     python train.py --method direct_extend --init runs/rgb/checkpoint.pt --out runs/de         # Fig. 2a
     python sample.py --ckpt runs/jn --mode jn-rgb2dense  # or jn-joint, jn-dense2rgb, jn-inpaint, jn-sdedit, jn-tiles
     python jointnet_eval.py                              # output preservation and the joint / base sampling time
-The sample.py modes and that demo live in jointnet_eval.py.
+Imports: the base only (diffusion.py, unet.py, shapes.py, runlib.py).
 
 Differences from the paper:
     - pixel space, class labels instead of text, the shapes data with exact depth (or its seg map) instead of
@@ -216,7 +217,7 @@ def direct_extend(net, base_state, c_x):
 
 
 # -----------------------------------------------------------------------------
-# Loss (Eq. 1) and the held-out RGB loss (a proxy for Fig. 8)
+# Loss (Eq. 1)
 
 def dense_map(batch, name):
     """The dense modality of a data batch as a (B, C_d, H, W) map in [-1, 1]."""
@@ -234,33 +235,6 @@ def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weig
     mse_x, mse_d = err[:, :x0.shape[1]].mean((1, 2, 3)), err[:, x0.shape[1]:].mean((1, 2, 3))  # (B,) each
     w = torch.ones_like(mse_x) if weight is None else weight.to(mse_x)
     return (w * (mse_x + mse_d)).mean(), mse_x, mse_d
-
-
-_HELDOUT = {}
-
-
-def rgb_heldout_batch(cfg, device):
-    """cfg["rgb_heldout"] test items with fixed t (spread over [0, T)) and fixed noise, built once."""
-    key = tuple(cfg.get(k) for k in ("data", "heldout_data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
-    if key not in _HELDOUT:
-        b = runlib.held_out_items(cfg, cfg["rgb_heldout"], source=cfg.get("heldout_data"))
-        x0, d0, g = b["image"], dense_map(b, cfg["dense_modality"]), torch.Generator().manual_seed(0)
-        _HELDOUT[key] = {k: v.to(device) for k, v in dict(
-            x0=x0, d0=d0, y=b["label"], t=torch.linspace(0, cfg["T"] - 1, len(x0)).round().long(),
-            eps_x=torch.randn(x0.shape, generator=g), eps_d=torch.randn(d0.shape, generator=g)).items()}
-    return _HELDOUT[key]
-
-
-@torch.no_grad()
-def rgb_heldout_loss(model, sched, cfg):
-    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows as
-    a grid of validation samples (whether the RGB branch keeps its generation ability)."""
-    b, was_training = rgb_heldout_batch(cfg, next(model.parameters()).device), model.training
-    y = b["y"] if cfg["num_classes"] else None
-    model.eval()
-    value = joint_loss(model, sched, b["x0"], b["d0"], b["t"], b["eps_x"], b["eps_d"], y, cfg["target"])[1].mean()
-    model.train(was_training)
-    return value.item()
 
 
 # -----------------------------------------------------------------------------
@@ -367,8 +341,3 @@ def training_loss(model, batch, sched, cfg, rng):
 def resume_keys(cfg):
     """The training stage: stage 2 (--unfreeze) is a new run from a stage-1 checkpoint, not a resume."""
     return ("unfreeze",)
-
-
-def log_values(model, sched, cfg):
-    """rgb_heldout for log.jsonl (--rgb-heldout items; 0: off)."""
-    return {"rgb_heldout": rgb_heldout_loss(model, sched, cfg)} if cfg["rgb_heldout"] else {}

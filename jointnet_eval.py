@@ -17,7 +17,7 @@ import diffusion
 import metrics
 import runlib
 from diffusion import ddim_step, q_sample, split_prediction, timestep_subset
-from jointnet import JointNet, dense_map
+from jointnet import JointNet, dense_map, joint_loss
 from unet import build_unet
 
 # -----------------------------------------------------------------------------
@@ -222,6 +222,41 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
 
 def sample_rows(model, sched, cfg, n, generator, device):
     return list(sample_joint(model, sched, cfg, n, cfg["sample_steps"], generator=generator, device=device))
+
+
+# -----------------------------------------------------------------------------
+# The held-out RGB loss: a quantitative proxy for Fig. 8 (log_values, a hook of methods.py)
+
+_HELDOUT = {}
+
+
+def rgb_heldout_batch(cfg, device):
+    """cfg["rgb_heldout"] test items with fixed t (spread over [0, T)) and fixed noise, built once."""
+    key = tuple(cfg.get(k) for k in ("data", "heldout_data", "image_size", "seed", "rgb_heldout", "T", "dense_modality")) + (str(device),)
+    if key not in _HELDOUT:
+        b = runlib.held_out_items(cfg, cfg["rgb_heldout"], source=cfg.get("heldout_data"))
+        x0, d0, g = b["image"], dense_map(b, cfg["dense_modality"]), torch.Generator().manual_seed(0)
+        _HELDOUT[key] = {k: v.to(device) for k, v in dict(
+            x0=x0, d0=d0, y=b["label"], t=torch.linspace(0, cfg["T"] - 1, len(x0)).round().long(),
+            eps_x=torch.randn(x0.shape, generator=g), eps_d=torch.randn(d0.shape, generator=g)).items()}
+    return _HELDOUT[key]
+
+
+@torch.no_grad()
+def rgb_heldout_loss(model, sched, cfg):
+    """The RGB term of Eq. 1 on the fixed held-out batch, in eval mode: a number for what Fig. 8 shows as
+    a grid of validation samples (whether the RGB branch keeps its generation ability)."""
+    b, was_training = rgb_heldout_batch(cfg, next(model.parameters()).device), model.training
+    y = b["y"] if cfg["num_classes"] else None
+    model.eval()
+    value = joint_loss(model, sched, b["x0"], b["d0"], b["t"], b["eps_x"], b["eps_d"], y, cfg["target"])[1].mean()
+    model.train(was_training)
+    return value.item()
+
+
+def log_values(model, sched, cfg):
+    """rgb_heldout for log.jsonl (--rgb-heldout items; 0: off)."""
+    return {"rgb_heldout": rgb_heldout_loss(model, sched, cfg)} if cfg["rgb_heldout"] else {}
 
 
 # -----------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def base_heldout_loss(state, cfg):
     """The RGB loss of the plain pretrained UNet on the fixed held-out batch, computed by hand."""
     base = runlib.build_backbone(cfg).eval()
     base.load_state_dict(state)
-    b = jointnet.rgb_heldout_batch(cfg, "cpu")
+    b = jointnet_eval.rgb_heldout_batch(cfg, "cpu")
     ab = SCHED.alpha_bar[b["t"]].float().view(-1, 1, 1, 1)
     x_t = ab.sqrt() * b["x0"] + (1 - ab).sqrt() * b["eps_x"]
     with torch.no_grad():
@@ -370,7 +370,7 @@ def test_heldout_data_feeds_the_logged_rgb_loss(rgb_run, tmp_path):
     assert train_run(run, "--method", "direct_extend", "--init", str(rgb_run / "checkpoint.pt"), "--steps", "1",
                      "--heldout-data", str(tmp_path / "held.npz"), "--rgb-heldout", "6") == 1
     cfg = ckpt_cfg(run)
-    assert torch.equal(jointnet.rgb_heldout_batch(cfg, "cpu")["x0"], torch.from_numpy(arrays["image"]))
+    assert torch.equal(jointnet_eval.rgb_heldout_batch(cfg, "cpu")["x0"], torch.from_numpy(arrays["image"]))
     init = torch.load(rgb_run / "checkpoint.pt", weights_only=True)["ema"]
     assert read_log(run)[0]["rgb_heldout"] == pytest.approx(base_heldout_loss(init, cfg), rel=1e-4)
     np.savez(tmp_path / "rgb_only.npz", image=arrays["image"])
