@@ -2,7 +2,8 @@
 The evidence: does each paper's claim hold at small scale, and what does each method cost?
 
     python bench.py --recipe     # which shared settings make the plain ddpm baseline learn fastest on a CPU
-    python bench.py --cpu        # the evidence profile: every row x 3 seeds, paired verdicts; resumable
+    python bench.py --default-run    # `python train.py` itself, 3 seeds: its time, its scores with eta 0 and 1
+    python bench.py --cpu        # the evidence profile: every row x 5 seeds, paired verdicts; resumable
     python bench.py --cpu --report   # its tables re-rendered from results/bench_cpu.json; trains nothing
     python bench.py --quick      # a smoke of every row (16px, 400 steps, one seed): checks, not evidence
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
@@ -23,9 +24,12 @@ Rows and the claims they test:
     weighting   constant / SNR / max-SNR-5 / min-SNR-5 weighting for x0-, eps- and v-prediction:
                 min-SNR-5 converges fastest for every target (Min-SNR Fig. 5, Table 1)
     loss bins   the unweighted training loss per timestep decile over the last stretch of each run
-    mtdiff      masked-image training: restoration of held-out masked images against SDEdit and
-                replacement with the ddpm model (MT-Diffusion Table 1, MSE instead of LPIPS), and
-                the label head against the same network trained as a supervised classifier (Fig. 6)
+    mtdiff      as the MT-Diffusion paper measures it, with v-prediction + min-SNR-5 for the MT rows and
+                their baselines: variant X restores held-out images with m = 5..20 patches hidden by
+                Algorithm 1 (ancestral, nothing pasted) against Clean-Masked and SDEdit from an
+                unconditional model (Table 1; a perceptual distance in the reference CNN's features
+                stands in for LPIPS); MT-Diffusion-E's classifier finetuned by noised cross-entropy
+                against a noise-aware classifier finetuned alike (Fig. 6)
     jointnet    JointNet vs Direct Extend from the ddpm UNet: RGB FD and held-out RGB loss (a quantitative
                 proxy for Fig. 8, a grid of samples), RGB -> depth AbsRel / RMSE (Table 2's metrics)
     speed       training images/s of every method side by side in one process (interleaved repeats in
@@ -42,8 +46,8 @@ results/recipe_cpu.json at once; running the same command again continues where 
 SIGTERM or a lost machine), and writes the .md beside it. --cpu runs its jobs (a row with one seed, or
 an evaluation with its training) in --parallel worker processes of one torch thread each (default: one
 per core, at most 8), which take jobs under file locks; on 2 cores two 1-thread trainings do 1.85x the
-work of one 2-thread training. Every --cpu row uses the recipe the study
-chose, unchanged; each claim compares two rows seed by seed (same seeds, same evaluation noise): the
+work of one 2-thread training. Every --cpu row uses the recipe the study chose with gradient clipping
+off (the MT-Diffusion rows and their baselines: v-prediction + min-SNR-5); each claim compares two rows seed by seed (same seeds, same evaluation noise): the
 mean paired difference with its 95% paired t-interval over seeds and a verdict from that interval,
 holds / contradicted / unresolved (the interval spans zero), beside the number of seeds whose difference
 lies on the claim's side. Scores: FD, generated-class accuracy (ceiling: the reference CNN on held-out
@@ -52,11 +56,12 @@ reads the stored units (--json) and rewrites only their tables (--md): no row is
 stored.
 
 Differences from the papers: tiny models, 16-32px synthetic images and minutes of training instead of
-ImageNet and days; FD in a reference CNN's features; restoration by MSE, not LPIPS. A claim that does
+ImageNet and days; FD and the restoration's perceptual distance in a reference CNN's features (not
+Inception, not LPIPS's VGG). A claim that does
 not reproduce here says something about this scale, not necessarily about the paper.
 
 The command line is this file; each job is its own module: bench_evidence.py (--cpu), bench_recipe.py
-(--recipe), bench_timing.py (the timings, --only, --gpu-check), bench_report.py (--tiny, --quick, --full),
+(--recipe, --default-run), bench_figures.py (the evidence's SVG plot), bench_timing.py (the timings, --only, --gpu-check), bench_report.py (--tiny, --quick, --full),
 and bench_common.py what they share (the profiles, training through train.py, scoring, the store).
 This file imports the job modules and bench_common.py only.
 """
@@ -94,6 +99,8 @@ def main(argv=None):
                    "on a CPU), 'compile' times torch.compile against eager training (compiling takes minutes on a CPU)")
     p.add_argument("--report", action="store_true", help="--cpu: re-render the tables (--md) of the stored units "
                    "(--json) without training or storing anything")
+    p.add_argument("--default-run", action="store_true", help="train `python train.py` (its defaults) with 3 seeds, "
+                   "time it and score its samples with eta 0 and eta 1 (results/default_cpu.json and .md; resumable)")
     p.add_argument("--gpu-check", action="store_true", help="every method for a few steps on CUDA with bf16 and "
                    "--compile, resumed and sampled (about 5 minutes on one GPU); without CUDA it says so and exits 0")
     args = p.parse_args(argv)
@@ -118,13 +125,17 @@ def main(argv=None):
     elif args.parallel < 1:
         sys.exit(f"error: --parallel must be at least 1, got {args.parallel}")
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.json = args.json or {"cpu": "results/bench_cpu.json", "recipe": "results/recipe_cpu.json"}.get(name, "bench.json")
+    default_json = "results/default_cpu.json" if args.default_run else {
+        "cpu": "results/bench_cpu.json", "recipe": "results/recipe_cpu.json"}.get(name, "bench.json")
+    args.json = args.json or default_json
     args.md = args.md or os.path.splitext(args.json)[0] + ".md"
-    args.runs = args.runs or os.path.join("runs", f"bench-{name}")
+    args.runs = args.runs or os.path.join("runs", "bench-default" if args.default_run else f"bench-{name}")
     command = command.strip()
     try:
         if args.gpu_check:
             return timing.gpu_check()
+        if args.default_run:
+            return recipe.default_run(args, command)
         if name == "cpu" and args.report:
             return evidence.render_evidence(prof, name, args, command)
         if name == "cpu":

@@ -1,7 +1,8 @@
 """
 The recipe study: which shared settings make the plain ddpm baseline learn fastest per CPU-minute.
 
-    python bench.py --recipe     # results/recipe_cpu.json and .md; resumable
+    python bench.py --recipe       # results/recipe_cpu.json and .md; resumable
+    python bench.py --default-run  # what `python train.py` gives, 3 seeds, eta 0 against eta 1 (results/default_cpu.*)
 
 Each variant changes one setting of the base recipe (the recipe profile in bench_common.PROFILES); the
 evidence profile (--cpu) trains every row with the recipe this study chose. May import bench_common.py
@@ -9,12 +10,14 @@ and the project's library files.
 """
 import json
 import os
+import shutil
 import sys
 import time
 
 import torch
 
 import bench_common as common
+import bench_evidence as evidence
 import config
 import diffusion
 import methods
@@ -122,4 +125,63 @@ def recipe_markdown(prof, store, cost, command, wall_s, scorers):
             if u and not u.get("diverged") and label in u["samplers"]:
                 s = u["samplers"][label]
                 lines.append(f"| {label} | {c} | {s['fd']:.2f} | {s['class_acc']:.3f} | {s['channel_dev']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# The default run (--default-run): what `python train.py` with no flags gives, over seeds, and which DDIM
+# eta samples it best. Each seed is one unit: train.py's own defaults (only --seed and --out given), the
+# wall time of the training, then n_eval samples of the EMA weights with each eta, scored by the reference
+# CNN at the run's 32 px (FD, precision, recall, generated-class accuracy, colour statistics).
+
+DEFAULT_RUN = dict(seeds=(0, 1, 2), n_eval=512, n_ref=1024, eval_steps=50, etas=(0.0, 1.0), image_size=32, featnet={})
+
+
+def default_run(args, command, spec=DEFAULT_RUN):
+    t0, spec = time.time(), dict(spec, seeds=tuple(args.seeds or spec["seeds"]))
+    store = common.Store(args.json, json.loads(json.dumps({k: v for k, v in spec.items() if k != "seeds"})))
+    scorer = common.Scorer(spec, args.cache)
+    for seed in spec["seeds"]:
+        key = f"default|seed{seed}"
+        if store.get(key) is not None:
+            continue
+        out = os.path.join(args.runs, f"seed{seed}")
+        if os.path.exists(out):  # a run stopped part-way: train it again (the wall time must be one run's)
+            shutil.rmtree(out)
+        started = time.time()
+        common.call_train(["--seed", str(seed), "--out", out], out + ".log")
+        wall = time.time() - started
+        path = os.path.join(out, "checkpoint.pt")
+        scores = {f"eta {eta:g}": common.sample_scores(scorer, path, spec["n_eval"], spec["eval_steps"], seed, eta)
+                  for eta in spec["etas"]}
+        store.put(key, dict(train_wall_s=wall, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                            **scores))
+        print(f"[bench] default run seed {seed}: trained in {wall / 60:.1f} min; " + "; ".join(
+            f"{k}: FD {v['fd']:.3f}" for k, v in scores.items()), flush=True)
+    units = {s: store.get(f"default|seed{s}") for s in spec["seeds"] if store.get(f"default|seed{s}")}
+    text = default_markdown(spec, units, command, scorer.floor, time.time() - t0)
+    common.write_text(args.md, text)
+    print(text)
+    return units
+
+
+def default_markdown(spec, units, command, floor, wall_s):
+    etas = [f"eta {e:g}" for e in spec["etas"]]
+    lines = [f"# The default run: `python train.py` ({len(units)} seeds)", "",
+             f"`{command}`; {common.hardware()}; this invocation {wall_s / 60:.1f} min. Each seed: `python train.py "
+             f"--seed S` (train.py's CPU defaults), then {spec['n_eval']} DDIM-{spec['eval_steps']} samples of the EMA "
+             f"weights with each eta, the same noise for both; FD against {spec['n_ref']} held-out images in the "
+             f"reference CNN's features (real-vs-real at this N: {floor['fd']:.2f}); generated-class accuracy ceiling "
+             f"{floor['class_acc']:.3f} (real held-out images), chance 0.25.", "",
+             "| seed | training wall time | torch threads | " + " | ".join(
+                 f"{e}: FD | precision | recall | class acc" for e in etas) + " |", "|---" * (3 + 4 * len(etas)) + "|"]
+    for s, u in sorted(units.items()):
+        lines.append(f"| {s} | {u['train_wall_s'] / 60:.1f} min ({u['date']}) | {u['threads']} | " + " | ".join(
+            f"{u[e]['fd']:.3f} | {u[e]['precision']:.3f} | {u[e]['recall']:.3f} | {u[e]['class_acc']:.3f}" for e in etas) + " |")
+    if len(units) >= 2 and len(etas) == 2:
+        lines += ["", f"Paired over seeds, {etas[0]} minus {etas[1]} ({evidence.interval_name()}; negative FD and "
+                  "positive precision, recall, accuracy favour the first):", ""]
+        for metric in ("fd", "precision", "recall", "class_acc"):
+            ci = evidence.paired([u[etas[0]][metric] for u in units.values()], [u[etas[1]][metric] for u in units.values()])
+            lines.append(f"- {metric}: {evidence.fmt_ci(ci)} ({len(units)} seeds)")
     return "\n".join(lines) + "\n"
