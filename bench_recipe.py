@@ -137,8 +137,8 @@ def recipe_markdown(prof, store, cost, command, wall_s, scorers):
 DEFAULT_RUN = dict(seeds=(0, 1, 2), n_eval=512, n_ref=1024, eval_steps=50, etas=(0.0, 1.0), image_size=32, featnet={})
 
 
-def default_run(args, command, spec=DEFAULT_RUN):
-    t0, spec = time.time(), dict(spec, seeds=tuple(args.seeds or spec["seeds"]))
+def default_run(args, command):
+    t0, spec = time.time(), dict(DEFAULT_RUN, seeds=tuple(args.seeds or DEFAULT_RUN["seeds"]))
     store = common.Store(args.json, json.loads(json.dumps({k: v for k, v in spec.items() if k != "seeds"})))
     scorer = common.Scorer(spec, args.cache)
     for seed in spec["seeds"]:
@@ -148,6 +148,7 @@ def default_run(args, command, spec=DEFAULT_RUN):
         out = os.path.join(args.runs, f"seed{seed}")
         if os.path.exists(out):  # a run stopped part-way: train it again (the wall time must be one run's)
             shutil.rmtree(out)
+        os.makedirs(args.runs, exist_ok=True)
         started = time.time()
         common.call_train(["--seed", str(seed), "--out", out], out + ".log")
         wall = time.time() - started

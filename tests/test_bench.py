@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import bench_common  # noqa: E402
 import bench_evidence  # noqa: E402
+import bench_recipe  # noqa: E402
 import bench_report  # noqa: E402
 import bench_timing  # noqa: E402
 import train  # noqa: E402
@@ -263,6 +264,34 @@ def test_store_refuses_other_settings(tmp_path):
     assert bench_common.Store(str(tmp_path / "r.json"), {"lr": 1e-3}).get("a|seed0|step1") == {"fd": 1.0}
     with pytest.raises(ValueError, match="other settings"):
         bench_common.Store(str(tmp_path / "r.json"), {"lr": 3e-4})
+    # A setting the file predates (a new evaluation's parameter) cannot have shaped its units: it is added;
+    # one the file has and the profile lacks is still a change.
+    grown = bench_common.Store(str(tmp_path / "r.json"), {"lr": 1e-3, "n_label": 512})
+    assert grown.get("a|seed0|step1") == {"fd": 1.0}
+    grown.put("b|seed0|step1", {"fd": 2.0})
+    assert json.load(open(tmp_path / "r.json"))["settings"] == {"lr": 1e-3, "n_label": 512}
+    with pytest.raises(ValueError, match="other settings"):
+        bench_common.Store(str(tmp_path / "r.json"), {"lr": 1e-3})
+
+
+def test_default_run_scores_both_etas_per_seed_and_pairs_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp_path / "cache"))
+    spec = dict(bench_recipe.DEFAULT_RUN, seeds=(0, 1), n_eval=8, n_ref=16, eval_steps=2, image_size=16,
+                featnet=dict(n_train=64, n_test=32, steps=5))
+    calls = []
+    real = bench_common.call_train
+    def tiny_train(argv, log):  # train.py's defaults, shortened for the test
+        calls.append(argv)
+        return real([*argv, "--steps", "2", "--image-size", "16", "--sample-steps", "2"], log)
+    monkeypatch.setattr(bench_common, "call_train", tiny_train)
+    monkeypatch.setattr(bench_recipe, "DEFAULT_RUN", spec)
+    out = bench.main(["--default-run", "--json", str(tmp_path / "d.json"), "--runs", str(tmp_path / "runs")])
+    assert set(out) == {0, 1} and [a[:2] for a in calls] == [["--seed", "0"], ["--seed", "1"]]
+    assert all(set(u) >= {"eta 0", "eta 1", "train_wall_s"} and u["eta 0"]["fd"] > 0 for u in out.values())
+    text = open(tmp_path / "d.md").read()
+    assert "paired t-interval" in text and "- fd:" in text
+    assert bench.main(["--default-run", "--json", str(tmp_path / "d.json"), "--runs", str(tmp_path / "runs")]) == out
+    assert len(calls) == 2  # stored seeds are not trained again
 
 
 TINY_EVIDENCE = dict(arches=("unet",), methods=("ddpm", "dtr"), targets=("eps",), weightings=("const", "min_snr"),
