@@ -20,6 +20,7 @@ C channel values, on the small images the run was trained on; the paper does not
 features.
 """
 import argparse
+import inspect
 
 import torch
 from PIL import Image, ImageDraw
@@ -105,7 +106,8 @@ def block_features(model, x0, timesteps, blocks, sched, y=None, noise=None, gene
         model.eval()
         for step in timesteps:
             t = torch.full((x0.shape[0],), int(step), dtype=torch.long, device=x0.device)
-            model(q_sample(sched, x0, t, eps), t, y=y)                        # hooks fill `current`
+            # y only when conditional: MT-Diffusion's network takes no labels
+            model(q_sample(sched, x0, t, eps), t, **({} if y is None else {"y": y}))  # hooks fill `current`
             for b in blocks:
                 feats[b].append(_rows(current[b], per_position).float().cpu())
     finally:
@@ -209,21 +211,37 @@ def print_shared(T, C, alpha, beta, seed, gaps=(1, 10, 100, 500, 999)):
 # -----------------------------------------------------------------------------
 # Command line
 
-def _cka_inputs(model, dataset, image_size, n, device):
-    """The first n test items of a dataset (data.py) and their labels when the model is conditional."""
+# JointNet's network denoises an image and its dense map together; CKA here feeds it the data's images alone.
+JOINT_INPUT_METHODS = ("jointnet", "direct_extend")
+
+
+def check_cka_method(method, path):
+    """One sentence (ValueError) for a run whose network this CKA cannot feed, naming the methods it can."""
+    if method in JOINT_INPUT_METHODS:
+        supported = ", ".join(m for m in methods.METHODS if m not in JOINT_INPUT_METHODS)
+        raise ValueError(f"{path} is a run of --method {method}, whose network takes an image and its dense map "
+                         f"together; --cka analyses runs of {supported}")
+
+
+def _cka_inputs(model, dataset, image_size, n, device, conditional):
+    """The first n test items of a dataset (data.py), and their labels when the model is conditional."""
     batch = data.first_items(data.build_dataset(dataset, image_size, split="test", seed=0), n, device)
     x0, y = batch["image"], batch["label"]                                    # (n, C, S, S), (n,)
     if x0.shape[1] != getattr(model, "in_channels", x0.shape[1]):
         raise ValueError(f"the model takes {model.in_channels} input channels but {dataset!r} images have "
                          f"{x0.shape[1]}; CKA here needs a model over the data's images")
-    return x0, (y if getattr(model, "num_classes", 0) > 0 else None)
+    return x0, (y if conditional else None)
 
 
 def run_cka(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.ckpt:
         model, cfg, sched = methods.load_run(args.ckpt, ema=not args.no_ema, device=device)
+        check_cka_method(cfg["method"], args.ckpt)
+        runlib.check_finite_weights(model, args.ckpt)
         dataset, image_size = cfg.get("data", "shapes"), cfg.get("image_size", args.image_size)
+        # Labels go in where the network takes them: MT-Diffusion's does not (a label run's classes are its modality).
+        conditional = cfg["num_classes"] > 0 and "y" in inspect.signature(model.forward).parameters
     else:
         torch.manual_seed(args.seed)
         if args.arch == "unet":
@@ -231,12 +249,12 @@ def run_cka(args):
         else:
             model = build_dit("DiT-T/4", args.image_size, 3, num_classes=0, class_dropout_prob=0.0)
         apply_routing(model.to(device), args.routing, args.alpha, args.beta, T=1000, seed=args.seed)
-        sched, dataset, image_size = Schedule.make("linear", 1000), "shapes", args.image_size
+        sched, dataset, image_size, conditional = Schedule.make("linear", 1000), "shapes", args.image_size, False
     T = sched.T
     timesteps = args.timesteps or torch.linspace(0, T - 1, 8).round().long().tolist()
     n_blocks = len(model.routable_blocks())
     blocks = args.blocks if args.blocks is not None else sorted({0, n_blocks // 2, n_blocks - 1})
-    x0, y = _cka_inputs(model, dataset, image_size, args.num_images, device)
+    x0, y = _cka_inputs(model, dataset, image_size, args.num_images, device, conditional)
     feats = block_features(model, x0, timesteps, blocks, sched, y=y, per_position=not args.flatten,
                            generator=torch.Generator().manual_seed(args.seed))
     mats = {b: cka_matrix(feats[b]) for b in blocks}
@@ -267,7 +285,7 @@ def main(argv=None):
     p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="backbone for --fresh")
     p.add_argument("--routing", choices=ROUTINGS, default="dtr", help="routing for --fresh")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-images", type=int, default=32, help="inputs per timestep for CKA")
+    p.add_argument("--num-images", type=runlib.ranged(int, 1), default=32, help="inputs per timestep for CKA")
     p.add_argument("--cka-min", type=runlib.finite_float, help="CKA at the dark end of the colours (default: the smallest "
                    "value shown; fix it, e.g. 0, to compare runs)")
     p.add_argument("--flatten", action="store_true", help="one CKA row per image (whole feature map) "
@@ -278,6 +296,7 @@ def main(argv=None):
     if args.cka and not (args.ckpt or args.fresh):
         p.error("--cka needs --ckpt RUN/checkpoint.pt or --fresh")
     try:
+        runlib.check_output_path(args.cka or args.out, "--cka" if args.cka else "--out")  # before the work
         if args.cka:
             return run_cka(args)
         masks_figure(args.T, args.channels, args.alpha, args.beta, args.seed).save(args.out)

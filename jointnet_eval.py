@@ -143,8 +143,11 @@ def add_sample_args(parser):
     g = parser.add_argument_group("jointnet modes")
     g.add_argument("--jn-strength", type=runlib.finite_float, default=0.4, help="jn-sdedit: noise level t0 / T")
     g.add_argument("--jn-lowres", type=int, default=4, help="jn-sdedit: downsampling of the depth to refine")
-    g.add_argument("--jn-width", type=int, help="jn-tiles: canvas width (default 3x the training size)")
-    g.add_argument("--jn-stride", type=int, help="jn-tiles: tile stride (default half the training size)")
+    # ranged: 0 would otherwise read as "not given" and silently become the default
+    g.add_argument("--jn-width", type=runlib.ranged(int, 1),
+                   help="jn-tiles: canvas width (default 3x the training size)")
+    g.add_argument("--jn-stride", type=runlib.ranged(int, 1),
+                   help="jn-tiles: tile stride (default half the training size)")
 
 
 def sample_tiles(model, sched, cfg, args, out, g, device):

@@ -49,6 +49,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 
 import data
 import shapes
-from runlib import ranged
+from runlib import RunError, check_output_path, ranged
 
 CACHE_ENV = "DIFFUSION_FOUR_PAPERS_CACHE"  # overrides the cache folder (tests point it at a tmp dir)
 DEFAULT_CACHE = os.path.join("~", ".cache", "diffusion-four-papers")
@@ -189,15 +190,42 @@ class FeatureNet(nn.Module):
 
 
 def as_images(images):
-    """uint8 (N, H, W, C) array (sample.py's .npz) or float (N, C, H, W) in [-1, 1] -> float32 tensor (N, C, H, W)."""
+    """uint8 (N, H, W, C) array (sample.py's .npz) or float (N, C, H, W) in [-1, 1] -> float32 tensor (N, C, H, W).
+    An array in the other layout is read as such when its shape says so unambiguously (at most 4 channels on
+    one side, more than 4 on the other), as data.py tells them apart."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8:
         if images.ndim != 4:
             raise ValueError(f"uint8 images must be (N, H, W, C), got shape {images.shape}")
-        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.from_numpy(images)
+        channels_first = images.shape[1] <= 4 < images.shape[-1]
+        return (x if channels_first else x.permute(0, 3, 1, 2)).float() / 127.5 - 1
     x = torch.as_tensor(images).float()
     if x.ndim != 4:
         raise ValueError(f"float images must be (N, C, H, W) in [-1, 1], got shape {tuple(x.shape)}")
+    if isinstance(images, np.ndarray) and x.shape[-1] <= 4 < x.shape[1]:  # a file's channels-last floats
+        x = x.permute(0, 3, 1, 2)
     return x
+
+
+def fit_channels(x, channels, data_name):
+    """Images (N, C, H, W) for a reference net of `channels` inputs: grey samples (1 channel, as sample.py
+    writes them for a 1-channel model) are repeated into every channel; any other mismatch is refused."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)
+    raise ValueError(f"the samples have {x.shape[1]} channels but the {data_name} images have {channels}; score "
+                     "samples against the data their model was trained on (--data)")
+
+
+def check_labels(labels, num_classes, data_name):
+    """Refuse generated-for labels outside the reference data's classes (they would score 0 without a word)."""
+    y = torch.as_tensor(labels)
+    bad = y[(y < 0) | (y >= num_classes)]
+    if len(bad):
+        raise ValueError(f"the samples carry label {bad[0].item()} but {data_name} has {num_classes} classes "
+                         f"(0..{num_classes - 1}); score them against the data their model was trained on (--data), "
+                         "or with --features random for no class score")
 
 
 @torch.no_grad()
@@ -303,6 +331,7 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
         except Exception as e:  # a corrupt or foreign file: retrain and overwrite it
             if verbose:
                 print(f"retraining the reference net: {path} is unreadable ({type(e).__name__})")
+    check_output_path(path, "--cache")  # before training: the net is kept only if the cache takes it
     t0 = time.time()
     x, y = stack_items(train, n_train if data_name == "shapes" else min(n_train, start))
     net = fit_feature_net(x, y, classes, seed, steps)
@@ -334,9 +363,18 @@ def evaluate_images(images, data_name="shapes", n_ref=None, k=3, seed=0, feature
         raise ValueError(f"need more than k={k} images for precision/recall, got {len(x)}")
     size = x.shape[-1]
     info = {}
-    if net is None:
+    if net is None:  # check the samples against the data before the reference net is trained
+        ref = data.dataset_info(reference_split(data_name, size, seed)[0])
+        x = fit_channels(x, ref["channels"], data_name)
+        if labels is not None and features == "trained":
+            check_labels(labels, ref["num_classes"], data_name)
         net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose)
+    x = fit_channels(x, net.stages[0][0].in_channels, data_name)
     real = reference_images(data_name, size, n_ref or len(x), seed)
+    if len(real) <= k:
+        raise ValueError(f"{data_name} holds out {len(real)} image{'s' * (len(real) != 1)} to compare with, fewer "
+                         f"than the k + 1 = {k + 1} precision and recall need: use more data (a folder or .npz holds "
+                         "out its last 10%) or a smaller --k")
     if ref_feats is None:
         ref_feats = extract_features(net, real)
     fake = extract_features(net, x)
@@ -362,8 +400,9 @@ def generated_class_accuracy(net, images, labels, ref_accuracy=None, num_classes
     x, y = as_images(images), torch.as_tensor(labels).long()
     if len(x) != len(y):
         raise ValueError(f"got {len(x)} images but {len(y)} labels")
-    acc = accuracy(net.eval(), x, y, batch)
     k = num_classes or net.head.out_features
+    check_labels(y, k, "the reference net")
+    acc = accuracy(net.eval(), x, y, batch)
     out = {"accuracy": acc, "ceiling": ref_accuracy, "floor": 1.0 / k, "relative": None}
     if ref_accuracy is not None and ref_accuracy > out["floor"]:
         out["relative"] = (acc - out["floor"]) / (ref_accuracy - out["floor"])
@@ -488,6 +527,40 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
 # -----------------------------------------------------------------------------
 # CLI
 
+def load_npz(path):
+    """np.load of an .npz, every failure one sentence (numpy's own hint for a foreign file is to allow
+    pickles, which must never be followed for a file of unknown origin)."""
+    try:
+        f = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        f = None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz archive (empty, truncated or another format); write samples "
+                         "with python sample.py --ckpt RUN")
+    return f
+
+
+def check_sample_images(images, path):
+    """One sentence for sample arrays metrics cannot score: not 4-D, not uint8 or float, non-finite, or float
+    values outside [-1, 1] (a [0, 255] float array would be scored as wildly saturated images)."""
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"'images' in {path} must be a non-empty 4-D array, uint8 (N, H, W, C) as sample.py writes "
+                         f"it; got shape {images.shape}")
+    if images.dtype == np.uint8:
+        return
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"'images' in {path} are {images.dtype}; metrics.py scores uint8 (N, H, W, C) in [0, 255] "
+                         "as sample.py writes them, or float (N, C, H, W) in [-1, 1]")
+    bad = int((~np.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"'images' in {path} hold {bad} NaN or inf values; sample again from a checkpoint "
+                         "with finite weights")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.01 or hi > 1.01:
+        raise ValueError(f"float 'images' in {path} lie in [{lo:.3g}, {hi:.3g}], not in [-1, 1]; scale them to "
+                         "[-1, 1], or save uint8 in [0, 255] as sample.py does")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz written by sample.py (`images`: uint8 (N, H, W, C))")
@@ -502,16 +575,17 @@ def main(argv=None):
     try:
         if not os.path.isfile(args.samples):
             raise ValueError(f"no samples at {args.samples}: write them with python sample.py --ckpt RUN --n 1000")
-        with np.load(args.samples) as f:
+        with load_npz(args.samples) as f:
             if "images" not in f:
                 raise ValueError(f"{args.samples} has no 'images' array; use an .npz written by sample.py")
             images = f["images"]
             labels = f["labels"] if "labels" in f and args.features == "trained" else None
             if labels is not None and (labels < 0).any():  # sample.py writes -1 for unconditional samples
                 labels = None
+        check_sample_images(images, args.samples)
         r = evaluate_images(images, args.data, args.n_ref, args.k, args.seed, args.features, args.cache,
                             labels=labels)
-    except ValueError as e:
+    except (ValueError, RunError) as e:
         sys.exit(f"error: {e}")
     acc = "" if r["ref_accuracy"] is None else f", reference net held-out accuracy {r['ref_accuracy']:.3f}"
     print(f"{r['n']} samples vs {r['n_ref']} held-out {args.data} images ({args.features} features{acc})")

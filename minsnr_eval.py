@@ -270,13 +270,24 @@ def load_batch(data_name, image_size, n, seed):
     return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
 
 
+def pareto_methods():
+    """The methods whose runs this analysis reads: those trained with the plain diffusion loss (no modules of
+    their own). A method with its own modules brings its own network and loss (MT-Diffusion's heads,
+    JointNet's joint input), whose gradients are not the bins' diffusion losses computed here."""
+    return [name for name, m in methods.METHODS.items() if not m.modules]
+
+
 def load_model(args, device):
     """(model in eval mode, schedule, target, gamma, num_classes, the model's own target) from --ckpt or --fresh."""
     if args.ckpt:
-        try:  # a run of a method with its own network (mtdiff, jointnet, ...) fails here, in one sentence
+        try:
             model, cfg, sched = methods.load_run(args.ckpt, ema=not args.no_ema, device=device)
+            runlib.check_finite_weights(model, args.ckpt)
         except runlib.RunError as e:
             raise ValueError(str(e)) from None
+        if cfg["method"] not in pareto_methods():
+            raise ValueError(f"{args.ckpt} is a run of --method {cfg['method']}, trained with a loss of its own; the "
+                             f"Pareto analysis reads runs of the plain diffusion loss: {', '.join(pareto_methods())}")
         args.image_size, args.data = cfg["image_size"], cfg.get("data", args.data)
         gamma = cfg.get("snr_gamma", 5.0) if args.gamma is None else args.gamma
         return model, sched, args.target or cfg["target"], gamma, cfg.get("num_classes", 0), cfg["target"]

@@ -116,6 +116,9 @@ def translate_table(model, sample, x0, seg, K, args, out):
 
 @torch.no_grad()
 def run_sample_mode(mode, model, sched, cfg, args, out, device):
+    if cfg["method"] != "mtdiff":  # another method's network has no modality head to sample or read
+        raise ValueError(f"--mode {mode} needs a run of --method mtdiff, but this one is --method {cfg['method']}; "
+                         "sample it with the default --mode generate")
     need = {"mt-restore": "masked", "mt-label": "label", "mt-translate": "translate"}.get(mode, cfg["task"])
     if cfg["task"] != need:
         raise ValueError(f"--mode {mode} needs a run trained with --task {need}; this one has --task {cfg['task']}")
@@ -270,9 +273,20 @@ def sample_rows(model, sched, cfg, n, generator, device):
     return [z] + show(model, x)
 
 
+def schedule_for_table(noise, T):
+    """The noise schedule of --schedules, or one sentence (ValueError) when T is too short for it: the
+    linear schedule keeps its end points for any T by scaling every beta by 1000 / T, so its last beta,
+    0.02 x 1000 / T, passes 1 below T = 20."""
+    try:
+        return Schedule.make(noise, T)
+    except ValueError:
+        raise ValueError(f"--T {T} is too short for the {noise} noise schedule (its betas would pass 1); "
+                         "use --T 20 or more, or --noise cosine") from None
+
+
 def print_schedules(noise="linear", T=1000, scale=1.0):
     """The prior mismatch L_0 of every task-weight schedule, with |z_0| = |E| = 1 per dimension."""
-    sched, one = Schedule.make(noise, T), torch.ones(1, 1)
+    sched, one = schedule_for_table(noise, T), torch.ones(1, 1)
     print(f"{noise} noise schedule, T = {T}, c = {scale}, |z_0| = |E| = 1 per dimension")
     print(f"{'weights':8s} {'max w_t':>10s} {'at_T':>10s} {'L_0 / dim':>10s} {'L_0 3x32x32':>12s} {'mean SNR_E':>11s}")
     for name in WEIGHTS:
@@ -283,14 +297,21 @@ def print_schedules(noise="linear", T=1000, scale=1.0):
         print(f"{name:8s} {w.max().item():10.3g} {at[-1].item():10.3g} {kl:10.3g} {3072 * kl:12.3g} {snr_e:11.3g}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedules", action="store_true", help="print the prior mismatch of the task weights")
     parser.add_argument("--noise", choices=["linear", "cosine"], default="linear")
-    parser.add_argument("--T", type=int, default=1000)
+    parser.add_argument("--T", type=runlib.ranged(int, 2), default=1000, help="number of timesteps (at least 2)")
     parser.add_argument("--scale", type=runlib.ranged(float, 0), default=1.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.schedules:
         parser.print_help()
     else:
-        print_schedules(args.noise, args.T, args.scale)
+        try:
+            print_schedules(args.noise, args.T, args.scale)
+        except ValueError as e:  # bad input: one line, no traceback
+            parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,15 @@ dit.py: paper files import it, it imports no paper file, and nothing here knows 
     ResumableBatches, update_ema, StepRandom    the loop's data order, EMA and per-step random draws
     cpu_threads, set_cpu_threads                 torch threads per process on a CPU, and the oversubscription note
     to_uint8, save_grid, labels_for             images out
+    check_output_path, check_finite_weights     refusals before the work: an unwritable destination, a
+                                                diverged checkpoint
 """
 import argparse
 import glob
 import math
 import os
 import pickle
+import tempfile
 
 import numpy as np
 import torch
@@ -283,3 +286,38 @@ def labels_for(args, cfg, n, offset=0):
     if not 0 <= args.cls < cfg["num_classes"]:
         raise ValueError(f"--class {args.cls} is outside the model's classes 0..{cfg['num_classes'] - 1}")
     return torch.full((n,), args.cls, dtype=torch.long)
+
+
+def check_output_path(path, flag="--out"):
+    """Make sure a file can be written at `path` before the work that produces it: create its missing
+    folders, and raise RunError (one sentence) when a file blocks a folder, `path` is a folder, or the
+    folder cannot be written (permissions, a read-only or full filesystem). The folder is probed by
+    creating and removing a temporary file, the only test that also holds for root and read-only mounts."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise RunError(f"{flag} {path} is a folder; name a file inside it")
+    folder = os.path.dirname(path)
+    blocker = folder
+    while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+        blocker = os.path.dirname(blocker)
+    if not os.path.isdir(blocker):
+        raise RunError(f"cannot write {path}: {blocker} is a file, not a folder; pass {flag} another path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e}): pass {flag} a path in a folder you can "
+                       "write to") from None
+    return path
+
+
+def check_finite_weights(model, path):
+    """Raise RunError (one sentence naming the run) when any weight of the loaded model is NaN or inf: a run
+    that diverged would otherwise sample black or noise images without a word."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise RunError(f"{path} holds NaN or inf weights ({bad[0]}{more}): the run diverged; use an earlier "
+                       "checkpoint or train it again, e.g. with a lower --lr")

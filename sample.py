@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 import diffusion
 import methods
-from runlib import RunError, checkpoint_path, finite_float, labels_for, save_grid, to_uint8
+import runlib
+from runlib import RunError, checkpoint_path, finite_float, labels_for, ranged, save_grid, to_uint8
 
 
 def autocast_forward(model, device_type):
@@ -38,7 +39,10 @@ def autocast_forward(model, device_type):
 
 @torch.no_grad()
 def generate(model, sched, cfg, args, n, offset, generator, device):
-    """n samples in chunks of --batch; returns (images in [-1, 1], labels or None)."""
+    """n samples in chunks of --batch; returns (images in [-1, 1], labels, -1 where unconditional)."""
+    if n == 0:  # a rank whose share is empty (fewer samples than processes) still joins the gather
+        shape = (0, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        return torch.empty(shape), torch.empty(0, dtype=torch.long)
     out, labels = [], []
     for i in range(0, n, args.batch):
         b = min(args.batch, n - i)
@@ -55,17 +59,30 @@ def generate(model, sched, cfg, args, n, offset, generator, device):
     return torch.cat(out), torch.cat(labels)
 
 
+def output_stem(out, ckpt, mode):
+    """The path that sample.py adds .npz and .png to: RUN/samples/MODE by default; --out FOLDER (an existing
+    folder, or one written with a trailing slash) means FOLDER/MODE; --out grid.png means the stem "grid"."""
+    if not out:
+        return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "samples", mode)
+    if os.path.isdir(out) or out.endswith((os.sep, "/")):
+        return os.path.join(out, mode)
+    if os.path.splitext(out)[1].lower() in (".png", ".npz"):
+        return os.path.splitext(out)[0]
+    return out
+
+
 def get_parser():
     p = methods.checked_parser(__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint.pt written by train.py, or its run folder")
-    a("--out", help="output path; .png and .npz are added (default: RUN/samples/MODE)")
+    a("--out", help="output path; .png and .npz are added; an existing folder (or one ending in /) gets "
+      "FOLDER/MODE (default: RUN/samples/MODE)")
     a("--n", "--num-samples", dest="n", type=int, default=64, help="number of samples (under torchrun write --num-samples: torchrun reads --n as its own)")
     a("--batch", type=int, default=64, help="samples per forward pass")
     a("--sampler", choices=["ddim", "ddpm"], default="ddim")
     a("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")
-    a("--eta", type=finite_float, default=1.0, help="DDIM eta (1: ancestral, the respaced DDPM step; 0: deterministic, "
-      "which needs a longer-trained model)")
+    a("--eta", type=ranged(float, 0, 1), default=1.0, help="DDIM eta in [0, 1] (1: ancestral, the respaced DDPM "
+      "step; 0: deterministic, which needs a longer-trained model)")
     a("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale (1: off)")
     a("--class", dest="cls", type=int, help="class label for every sample (default: cycle through classes)")
     a("--seed", type=int, default=0)
@@ -92,6 +109,7 @@ def main(argv=None):
     path = checkpoint_path(args.ckpt)
     try:
         model, cfg, sched = methods.load_run(path, ema=not args.raw, device=device)
+        runlib.check_finite_weights(model, path)
         if (args.precision or ("bf16" if device.startswith("cuda") else "fp32")) == "bf16":
             autocast_forward(model, device.split(":")[0])
         if args.steps is not None and not 1 <= args.steps <= cfg["T"]:
@@ -99,11 +117,13 @@ def main(argv=None):
         if args.cfg_scale != 1 and not cfg["num_classes"]:  # guidance mixes conditional and unconditional outputs
             raise ValueError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model, but {path} was trained "
                              "without labels; drop --cfg-scale")
+        if args.cls is not None and not cfg["num_classes"]:  # labels_for would ignore it
+            raise ValueError(f"--class {args.cls} needs a class-conditional model, but {path} was trained without "
+                             "labels; drop --class")
         if args.mode == "generate" and methods.hook(cfg["method"], "SAMPLE_MODES"):  # a method's joint sampler
             args.mode = methods.hook(cfg["method"], "SAMPLE_MODES")[0]
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "samples", args.mode)
-        if os.path.splitext(out)[1].lower() in (".png", ".npz"):  # --out grid.png means the stem "grid"
-            out = os.path.splitext(out)[0]
+        out = output_stem(args.out, path, args.mode)
+        runlib.check_output_path(out)  # before sampling: a failed write would throw the samples away
         if args.mode != "generate":
             return methods.sample_modes()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)
         # Each rank draws its share with its own seed; rank 0 gathers and writes one file.
