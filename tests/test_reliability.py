@@ -76,14 +76,16 @@ def test_exact_resume_is_bit_identical(tmp_path, method):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    runlib.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
+    config = dict(method="ddpm", arch="unet", model="unet-cpu", image_size=16, in_channels=3, num_classes=0, T=1000,
+                  schedule="linear")  # every loader reads these
+    runlib.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": config, "step": 1})
 
     def dying_save(obj, f):  # writes part of the file, then the process "dies"
         open(f, "wb").write(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        runlib.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})
+        runlib.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": config, "step": 2})
     assert runlib.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no partial file left behind
 
