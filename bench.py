@@ -275,11 +275,16 @@ def run_row(prof, scorer, root, spec, seed, extra=()):
             "logged_img_per_s": statistics.median(r["img_per_s"] for r in log), "log": log}
 
 
+def gamma_flag(weighting, gamma):
+    """--snr-gamma for the weightings that read it (train.py refuses a flag its run does not read)."""
+    return ["--snr-gamma", str(gamma)] if weighting in ("min_snr", "max_snr") else []
+
+
 def quality_specs(prof):
     """The methods grid and the weighting grid. Rows whose training would be identical share one run."""
     specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m) for a in prof["arches"] for m in prof["methods"]]
     specs += [dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t, weighting=w,
-                   flags=["--target", t, "--weighting", w, "--snr-gamma", "5"])
+                   flags=["--target", t, "--weighting", w, *gamma_flag(w, 5)])
               for t in prof["targets"] for w in prof["weightings"]]
     return specs
 
@@ -980,7 +985,7 @@ def evidence_specs(prof):
         for w in weightings_for(prof, t):
             gamma = prof["max_snr_gamma"] if w == "max_snr" else prof["min_snr_gamma"]
             specs.append(dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t,
-                              weighting=w, gamma=gamma, flags=["--target", t, "--weighting", w, "--snr-gamma", str(gamma)]))
+                              weighting=w, gamma=gamma, flags=["--target", t, "--weighting", w, *gamma_flag(w, gamma)]))
     keys = {}
     for s in specs:
         k = run_key(s) + (s.get("gamma", 5.0) if run_key(s)[2] in ("min_snr", "max_snr") else None,)
