@@ -321,14 +321,14 @@ def user_omp_threads():
     return value
 
 
-def set_cpu_threads(ddp, master):
-    """Under torchrun on a CPU, each process takes its share of the cores; warn once when they are oversubscribed."""
+def set_cpu_threads(ddp):
+    """Under torchrun on a CPU, each process takes its share of the cores. Returns a note when the cores are
+    oversubscribed (else None), for the caller to print once its settings are known to be good."""
     cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if ddp:
         torch.set_num_threads(cpu_threads(cores, local_world, user_omp_threads()))
-    note = oversubscribed(cores, local_world, torch.get_num_threads(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    if note and master:
-        print(note)
+    return oversubscribed(cores, local_world, torch.get_num_threads(),
+                          os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
+def test_signals_save_a_checkpoint_and_exit_with_the_stopped_status(tmp_path, sig):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--out", str(out)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -101,7 +101,7 @@ def test_signals_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
         time.sleep(0.5)
     p.send_signal(sig)
     text, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, text
+    assert p.returncode == train.EXIT_STOPPED == 75, text  # resumable, unlike a finished run (0)
     assert f"stopped by {sig.name}" in text
     ck = load(out / "checkpoint.pt")
     assert 2 <= ck["step"] < 100000 and ck["seen"] == ck["step"]
@@ -216,7 +216,7 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, method):
     run(tmp_path / "one", *extra, "--steps", "6")
     torchrun("train.py", *TINY, *extra, "--steps", "3", "--out", str(tmp_path / "two"))
     # only rank 0 writes files
-    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "config.json", "log.jsonl", "samples"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "config.json", "log.jsonl", "samples", "train.lock"]
     torchrun("train.py", "--resume", "--out", str(tmp_path / "two"), "--steps", "6")  # resume under DDP
     a, b = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "two" / "checkpoint.pt")
     assert b["step"] == 6
