@@ -102,12 +102,15 @@ def has_module(name):
 
 def call_train(argv, log_path):
     """train.main in this process, its output appended to log_path; its signal handlers are undone
-    afterwards so Ctrl-C still stops bench."""
+    afterwards so Ctrl-C still stops bench. A run stopped by a signal returns (its checkpoint is saved:
+    the caller sees the saved step)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with open(log_path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             train.main(argv)
     except SystemExit as e:
+        if e.code == train.EXIT_STOPPED:
+            return
         raise RuntimeError(f"python train.py {' '.join(argv)} failed ({e.code}); its output is in {log_path}") from None
     finally:
         for s, h in saved.items():
@@ -124,6 +127,11 @@ def common_flags(prof, arch, seed):
         if k in p:
             flags += [f"--{k.replace('_', '-')}", str(p[k])]
     return flags
+
+
+def gamma_flag(weighting, gamma):
+    """--snr-gamma for the weightings that read it (train.py refuses a flag its run does not read)."""
+    return ["--snr-gamma", str(gamma)] if weighting in ("min_snr", "max_snr") else []
 
 
 def row_flags(prof, spec, seed, extra=()):

@@ -74,7 +74,7 @@ def evidence_specs(prof):
         for w in weightings_for(prof, t):
             gamma = prof["max_snr_gamma"] if w == "max_snr" else prof["min_snr_gamma"]
             specs.append(dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t,
-                              weighting=w, gamma=gamma, flags=["--target", t, "--weighting", w, "--snr-gamma", str(gamma)]))
+                              weighting=w, gamma=gamma, flags=["--target", t, "--weighting", w, *common.gamma_flag(w, gamma)]))
     keys = {}
     for s in specs:
         k = common.run_key(s) + (s.get("gamma", 5.0) if common.run_key(s)[2] in ("min_snr", "max_snr") else None,)

@@ -63,7 +63,7 @@ def quality_specs(prof):
     """The methods grid and the weighting grid. Rows whose training would be identical share one run."""
     specs = [dict(group="methods", name=f"{a}/{m}", arch=a, method=m) for a in prof["arches"] for m in prof["methods"]]
     specs += [dict(group="weighting", name=f"unet/{t}/{w}", arch="unet", method="ddpm", target=t, weighting=w,
-                   flags=["--target", t, "--weighting", w, "--snr-gamma", "5"])
+                   flags=["--target", t, "--weighting", w, *common.gamma_flag(w, 5)])
               for t in prof["targets"] for w in prof["weightings"]]
     return specs
 

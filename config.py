@@ -6,8 +6,9 @@ the flags the user typed, else the --method preset (methods.py), else the defaul
 (CPU_DEFAULTS or GPU_DEFAULTS). With --resume the saved config is the base and typed flags override
 it, unless they would change the network or the experiment (check_compatible). Then the data are
 described (channels, classes), the method's prepare_config runs, and every setting is checked, so that
-a mistake is one sentence before any step is trained. bench.py builds its configs through the same
-function.
+a mistake is one sentence before any step is trained: a flag the user typed is never ignored (one that
+this run would not read is refused), and an --init run must fit the network. bench.py builds its
+configs through the same function; check_out (the run folder) is train.py's alone.
 
 Imports: the registry (methods.py) and the base (data.py, diffusion.py, runlib.py, unet.py, dit.py).
 """
@@ -33,10 +34,14 @@ GPU_DEFAULTS = dict(model="unet-gpu", image_size=64, batch_size=128, steps=100_0
                     ckpt_every=5000, sample_every=5000, log_every=100, workers=4, precision="bf16")
 AXIS_DEFAULTS = dict(target="eps", weighting="none", snr_gamma=5.0, routing="none")
 DIT_DEFAULT = "DiT-S/2" if ON_GPU else "DiT-T/4"  # --arch dit without --model: 33M (GPU), 4.2M (CPU)
+# The linear schedule's last beta is 0.02 * 1000 / T (diffusion.make_betas), which must not pass 1.
+LINEAR_MIN_T = 20
+# The end of a --resume refusal's sentence for keys of every method (a method adds its own RESUME_HINTS).
+RESUME_HINTS = {"init": "--init starts a new run from other weights; drop it when resuming, or use another --out"}
 
 
 class FlagError(RunError):
-    """Flags that do not fit together, found before any file is read: reported with the usage line."""
+    """Flags that do not fit together, or that this run would not read: reported with the usage line."""
 
 
 def get_parser(description=None):
@@ -61,7 +66,9 @@ def get_parser(description=None):
     a("--schedule", default="linear", choices=["linear", "cosine"])
     a("--T", type=ranged(int, 2), default=1000)
     a("--target", choices=diffusion.TARGETS, help="prediction target (default eps)")
-    a("--out", default="runs/default")
+    a("--out", default="runs/default", help="the run folder (one train.py writes into it at a time)")
+    a("--init", help="start a new run from the EMA weights of this run (a checkpoint.pt or its folder); "
+      "jointnet and direct_extend: the pretrained RGB run they extend (jointnet --unfreeze: its stage-1 run)")
     a("--seed", type=int, default=0)
     a("--resume", nargs="?", const="auto", help="continue OUT/checkpoint.pt (or the given checkpoint)")
     a("--log-every", type=ranged(int, 1))
@@ -126,49 +133,126 @@ def check_image_size(cfg):
             raise FlagError(f"--image-size {s} is not divisible by {f}, the downsampling factor of {cfg['model']}; use a multiple of {f}")
 
 
-def check_compatible(saved, cfg, what="the checkpoint"):
-    """Refuse a resumed config that changes the network's shape or the experiment (schedule, target, the
-    axes' and the method's resume_keys)."""
-    hook = lambda name: methods.hook(cfg["method"], name)
-    kept = ("T", "schedule", "target", *methods.resume_keys(saved))
-    hints = hook("RESUME_HINTS")
-    for k in ARCH_KEYS + tuple(hook("SHAPE_KEYS")) + kept:
+def check_timesteps(cfg, typed):
+    """Refuse a --T the schedule cannot take, and sample grids the run's T cannot give: the last grid is
+    drawn after the last step, so this is checked before the first."""
+    T = cfg["T"]
+    if cfg["schedule"] == "linear" and T < LINEAR_MIN_T:
+        raise FlagError(f"--T {T} is too few timesteps for the linear schedule, whose betas pass 1 below "
+                        f"T={LINEAR_MIN_T}; use --T {LINEAR_MIN_T} or more, or --schedule cosine")
+    if cfg["sample_steps"] > T:
+        default = "" if "sample_steps" in typed else " (the default)"
+        raise FlagError(f"--sample-steps {cfg['sample_steps']}{default} is more than the {T} timesteps of --T {T}; "
+                        f"pass --sample-steps {T} or fewer")
+
+
+def refuse_difference(saved, cfg, keys, what, hints):
+    """RunError naming the first of keys on which saved and cfg differ, ending with its hint."""
+    for k in keys:
         if saved.get(k) != cfg.get(k):
             hint = hints.get(k, "use matching settings or another --out")
             raise RunError(f"{what} was trained with {k}={saved.get(k)!r} but this run has {k}={cfg.get(k)!r}; {hint}")
 
 
+def check_compatible(saved, cfg, what="the checkpoint"):
+    """Refuse a resumed config that changes the network's shape or the experiment (schedule, target, the
+    starting weights, the axes' and the method's resume_keys)."""
+    hook = lambda name: methods.hook(cfg["method"], name)
+    kept = ("T", "schedule", "target", "init", *methods.resume_keys(saved))
+    refuse_difference(saved, cfg, ARCH_KEYS + tuple(hook("SHAPE_KEYS")) + kept, what,
+                      {**RESUME_HINTS, **hook("RESUME_HINTS")})
+
+
+def check_init(cfg, base):
+    """Refuse an --init run (config `base`) whose weights would not fit this run's network: another network
+    builder, backbone, image size, channels or classes. For methods that start from --init by default;
+    JointNet's prepare_config checks its own."""
+    build = lambda method: methods.hook(method, "build_model")
+    if build(base["method"]) is not build(cfg["method"]):
+        same = [m for m in methods.METHODS if build(m) is build(cfg["method"])]
+        raise RunError(f"--init {cfg['init']} is a {base['method']} run, whose network --method {cfg['method']} "
+                       f"does not build; pass --init a run of {' / '.join(same)}")
+    keys = ARCH_KEYS[1:] + tuple(methods.hook(cfg["method"], "SHAPE_KEYS"))
+    refuse_difference(base, cfg, keys, f"--init {cfg['init']}", {k: "pass matching flags (--model, --image-size, "
+                      "--data, --class-cond) or another --init" for k in keys})
+
+
+def check_flags_read(cfg, given, parser):
+    """Refuse a typed flag that this run would not read: a flag of another method, one that the run's other
+    settings leave unused, or labels asked for where there are none. given: {dest: value} of the typed
+    flags. A flag the user typed is never ignored."""
+    unread = methods.unread_flags(cfg)
+    if not cfg["num_classes"]:  # no labels: the data has fewer than 2 classes, or the method models images alone
+        unread["cfg_drop"] = "is label dropout for guidance, but this run is unconditional; drop it"
+        if given.get("class_cond") == 1:
+            unread["class_cond"] = "asks for class conditioning, but this run is unconditional; drop it"
+    for action in parser._actions:
+        if action.dest in given and action.dest in unread:
+            raise FlagError(f"{action.option_strings[0]} {unread[action.dest]}")
+
+
+def check_out(cfg):
+    """Refuse an --out that would mix two runs: a new run into a folder that holds one, or a resume from
+    another run's checkpoint into it. (train.py's RunLock keeps two processes from writing into one.)"""
+    out, resume = cfg["out"], cfg["resume"]
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        return
+    if not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume != "auto" and not os.path.samefile(runlib.checkpoint_path(resume), ckpt):
+        raise RunError(f"--out {out} holds a run of its own and --resume {resume} is another run's checkpoint; "
+                       f"continue that run into a new --out, or pass --resume alone to continue {out}")
+
+
 def make_config(argv, parser=None):
     """(cfg, dataset, resume) for train.py's argv: the resolved config, the training set, and the checkpoint
-    being continued (None for a new run). Every check runs here; bad input raises RunError (FlagError for
-flags that do not fit together, found before any file is read)."""
+    being continued (None for a new run). Every check of the settings runs here; bad input raises RunError
+    (FlagError for flags that do not fit together)."""
     parser = parser or get_parser()
     args = parser.parse_args(argv)
-    cfg = resolve_config(args, typed_flags(parser, argv))
+    given = {k: getattr(args, k) for k in typed_flags(parser, argv)}
+    cfg = resolve_config(args, given)
+    if not cfg["out"]:
+        raise FlagError("--out is empty; name the run folder, e.g. --out runs/NAME")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg["batch_size"] % world:
         raise FlagError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} processes; "
                         f"use a multiple of {world}")
-    if methods.hook(cfg["method"], "prepare_config") is None and not cfg["resume"]:
-        check_image_size(cfg)  # (a prepare_config may still change the model, e.g. JointNet's --init)
-    resume = None
-    ckpt_path = f"{cfg['out']}/checkpoint.pt"
+    if not cfg["resume"]:
+        check_timesteps(cfg, given)
+        if methods.hook(cfg["method"], "prepare_config") is None:
+            check_image_size(cfg)  # (a prepare_config may still change the model, e.g. JointNet's --init)
+    if cfg["init"]:
+        cfg["init"] = runlib.checkpoint_path(cfg["init"])  # a run folder, as sample.py --ckpt takes
+    resume = init = None
     if cfg["resume"]:
-        resume = runlib.load_checkpoint(ckpt_path if cfg["resume"] == "auto" else cfg["resume"])
+        auto = cfg["resume"] == "auto"
+        path = os.path.join(cfg["out"], "checkpoint.pt") if auto else runlib.checkpoint_path(cfg["resume"])
+        resume = runlib.load_checkpoint(path, methods.METHODS)
         # Continue the saved experiment; flags given now override it (checked below for shape changes).
-        cfg = {**resume["config"], **{k: cfg[k] for k in cfg["explicit"]}, "resume": cfg["resume"], "out": cfg["out"]}
+        cfg = {**resume["config"], **{k: cfg[k] for k in given}, "resume": cfg["resume"], "out": cfg["out"]}
         cfg["arch"] = "dit" if cfg["model"].startswith("DiT") else "unet"
         cfg.setdefault("precision", (GPU_DEFAULTS if ON_GPU else CPU_DEFAULTS)["precision"])  # older checkpoints
+    elif cfg["init"]:
+        init = runlib.load_checkpoint(cfg["init"], methods.METHODS)["config"]
     try:
         dataset = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
     except ValueError as e:
         raise RunError(str(e)) from None
     describe_data(cfg, dataset)
+    if len(dataset) < cfg["batch_size"]:
+        raise RunError(f"the dataset has {len(dataset)} items, fewer than one batch of {cfg['batch_size']}; "
+                       "lower --batch-size")
     prepare = methods.hook(cfg["method"], "prepare_config")
     if prepare is not None and resume is None:
         prepare(cfg)  # e.g. JointNet takes its backbone from --init
     check_image_size(cfg)
+    check_timesteps(cfg, given)  # again: a resume or JointNet's --init brings its own T
     methods.check_config(cfg)
     if resume is not None:
         check_compatible(resume["config"], cfg)
+    elif init is not None and methods.hook(cfg["method"], "init_model") is methods.init_from_run:
+        check_init(cfg, init)
+    check_flags_read(cfg, given, parser)
     return cfg, dataset, resume

@@ -217,6 +217,15 @@ def resume_keys(cfg):
     return ("routing", *keys) + (("dtr_placement",) if routing != "none" else ())
 
 
+def unused_flags(cfg):
+    """The routing flags that cfg's --routing does not read: all of them without routing, --dtr-beta for
+    R-TR (its masks are drawn from alpha and the seed), --dtr-alpha and --dtr-beta for ERC-DT."""
+    routing, read = cfg.get("routing", "none"), resume_keys(cfg)
+    hint = " or pass --routing dtr" if routing == "none" else ""
+    return {k: f"does nothing with --routing {routing}; drop it{hint}"
+            for k in ("dtr_alpha", "dtr_beta", "dtr_placement") if k not in read}
+
+
 def check_config(cfg):
     """Refuse routing settings the backbone cannot apply (RunError, one sentence)."""
     if cfg.get("routing", "none") != "none" and cfg.get("dtr_placement") == "hidden" and cfg.get("arch") == "dit":

@@ -241,8 +241,8 @@ def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weig
 # Hooks of the method protocol (methods.py)
 
 def add_args(parser):
-    g = parser.add_argument_group("jointnet and direct_extend")
-    g.add_argument("--init", help="the pretrained RGB run's checkpoint.pt (or a JointNet stage-1 run with --unfreeze)")
+    g = parser.add_argument_group("jointnet and direct_extend (--init: the pretrained RGB run, or a JointNet "
+                                  "stage-1 run with --unfreeze)")
     g.add_argument("--unfreeze", action="store_true",
                    help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
     g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
@@ -336,6 +336,13 @@ def training_loss(model, batch, sched, cfg, rng):
                                     batch["weight"], drop)
     stats = {"mse": (mse_x + mse_d).detach(), "mse_rgb": mse_x.detach().mean(), "mse_dense": mse_d.detach().mean()}
     return loss, stats
+
+
+def unused_flags(cfg):
+    """--heldout-data feeds the logged held-out RGB loss, which --rgb-heldout 0 turns off."""
+    if cfg.get("rgb_heldout"):
+        return {}
+    return {"heldout_data": "feeds the held-out RGB loss, which --rgb-heldout 0 turns off; drop one of them"}
 
 
 def resume_keys(cfg):

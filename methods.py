@@ -48,6 +48,10 @@ check_config(cfg)
 resume_keys(cfg) -> tuple
     Config keys that change no tensor shape but the experiment (the masks, the loss, the stage):
     --resume refuses to change them. cfg is the saved config.
+unused_flags(cfg) -> {dest: why}
+    The module's flags that cfg's other settings leave unread (e.g. --dtr-alpha with --routing none),
+    each with the rest of a sentence that starts with the flag: train.py refuses such a flag when the user
+    typed it. A module's flags are also refused as a whole under a method that lacks the module.
 add_sample_args(parser)
     sample.py flags of the method's sampling modes.
 The first module of the method that defines it wins, else the default:
@@ -61,7 +65,8 @@ build_model(cfg) -> nn.Module
     applies cfg's routing to model.routable_blocks() (dtr.route), so a model with routing must have them.
 init_model(model, cfg)
     Loads weights into a NEW run's model (e.g. JointNet from --init). Skipped on resume. The EMA is
-    copied from the model afterwards.
+    copied from the model afterwards. Default: the EMA weights of the --init run, if one is given
+    (config.py has checked before that they fit).
 training_loss(model, batch, sched, cfg, rng) -> (loss, stats)
     batch holds this rank's rows, on the device: "image" (B, C, H, W) in [-1, 1], "label" (B,) long, any
     other key of the dataset ("depth" (B, 1, H, W), "seg" (B, H, W) on the shapes data), and the loop's
@@ -107,14 +112,15 @@ from diffusion import cfg_model, ddim_sample, diffusion_loss
 
 # Every hook of the protocol: (name, parameters). Upper-case names are constants.
 HOOKS = (
-    ("add_args", ("parser",)), ("check_config", ("cfg",)), ("resume_keys", ("cfg",)),
+    ("add_args", ("parser",)), ("check_config", ("cfg",)), ("resume_keys", ("cfg",)), ("unused_flags", ("cfg",)),
     ("add_sample_args", ("parser",)), ("prepare_config", ("cfg",)), ("build_model", ("cfg",)),
     ("init_model", ("model", "cfg")), ("training_loss", ("model", "batch", "sched", "cfg", "rng")),
     ("sample_rows", ("model", "sched", "cfg", "n", "generator", "device")), ("log_values", ("model", "sched", "cfg")),
     ("run_sample_mode", ("mode", "model", "sched", "cfg", "args", "out", "device")),
     ("SHAPE_KEYS", tuple), ("RESUME_HINTS", dict), ("SAMPLE_MODES", tuple),
 )
-COLLECTED = ("add_args", "check_config", "resume_keys", "add_sample_args")  # from the axes and every module
+# Hooks collected from the axes and every module of a method (the others: the first module that defines it)
+COLLECTED = ("add_args", "check_config", "resume_keys", "unused_flags", "add_sample_args")
 AXES = (minsnr, dtr)  # the loss weight and the routing: every method has them
 
 
@@ -160,7 +166,20 @@ def diffusion_sample_rows(model, sched, cfg, n, generator, device):
                         generator=generator, device=device)]
 
 
-DEFAULTS = dict(build_model=runlib.build_backbone, training_loss=diffusion_training_loss, sample_rows=diffusion_sample_rows, SHAPE_KEYS=(), RESUME_HINTS={}, SAMPLE_MODES=())
+def init_from_run(model, cfg):
+    """Start a new run from the EMA weights of the --init run (a no-op without --init)."""
+    if not cfg.get("init"):
+        return
+    ckpt = runlib.load_checkpoint(cfg["init"], METHODS)
+    try:
+        model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+    except RuntimeError:  # config.check_init compares the configs first; this catches what they do not say
+        raise runlib.RunError(f"--init {cfg['init']} holds weights that do not fit this run's network; "
+                              "pass --init a run of the same method, model and data") from None
+
+
+DEFAULTS = dict(build_model=runlib.build_backbone, init_model=init_from_run, training_loss=diffusion_training_loss,
+                sample_rows=diffusion_sample_rows, SHAPE_KEYS=(), RESUME_HINTS={}, SAMPLE_MODES=())
 
 
 def check_module(module):
@@ -247,6 +266,31 @@ def resume_keys(cfg):
     return tuple(k for fn in collected(cfg["method"], "resume_keys") for k in fn(cfg))
 
 
+def module_flags(module):
+    """The dest names of the train.py flags a module adds (none without add_args)."""
+    if "add_args" not in vars(module):
+        return set()
+    parser = argparse.ArgumentParser(add_help=False)
+    vars(module)["add_args"](parser)
+    return {a.dest for a in parser._actions}
+
+
+def unread_flags(cfg):
+    """{dest: why} for the train.py flags that cfg's run does not read: those of modules its method lacks
+    (--task under --method ddpm), and those its own modules' unused_flags name (--dtr-alpha without routing)."""
+    own = [*AXES, *METHODS[cfg["method"]].modules]
+    unread = {}
+    for module in modules():
+        if module not in own:
+            users = [name for name, m in METHODS.items() if module in m.modules]
+            for dest in module_flags(module):
+                unread[dest] = (f"is a flag of --method {' / '.join(users)}, which this run's --method "
+                                f"{cfg['method']} does not read; drop it or pass --method {users[0]}")
+    for fn in collected(cfg["method"], "unused_flags"):
+        unread.update(fn(cfg))
+    return unread
+
+
 def sample_modes():
     """{sample.py mode: the module whose run_sample_mode implements it}."""
     return {mode: m for m in modules() for mode in vars(m).get("SAMPLE_MODES", ())}
@@ -264,4 +308,4 @@ def build_model(cfg):
 
 def load_run(path, ema=True, device="cpu"):
     """(model, config, schedule) from a checkpoint or run folder of any method; EMA weights by default."""
-    return runlib.load_run(path, build_model, ema, device)
+    return runlib.load_run(path, build_model, ema, device, METHODS)

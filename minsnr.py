@@ -149,6 +149,15 @@ def check_config(cfg):
         raise runlib.RunError(str(e)) from None
 
 
+def unused_flags(cfg):
+    """The weight's settings that cfg's --weighting does not read: gamma without min_snr or max_snr, P2's
+    k and gamma without p2."""
+    w, read = cfg.get("weighting", "none"), resume_keys(cfg)
+    users = {"snr_gamma": "min_snr or max_snr", "p2_k": "p2", "p2_gamma": "p2"}
+    return {k: f"does nothing with --weighting {w}; drop it or pass --weighting {users[k]}"
+            for k in users if k not in read}
+
+
 def resume_keys(cfg):
     """The weight's settings: changing one on --resume would change the loss mid-run."""
     w = cfg.get("weighting", "none")

@@ -375,6 +375,13 @@ def resume_keys(cfg):
     return ("mt_weights", "mt_scale", "mt_lambda", "mt_drop")
 
 
+def unused_flags(cfg):
+    """--mt-head chooses the label head, which only --task label has."""
+    if cfg.get("task") == "label":
+        return {}
+    return {"mt_head": f"chooses the label head of --task label, which --task {cfg.get('task')} does not have; drop it"}
+
+
 def add_args(p):
     g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
     g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "

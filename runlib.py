@@ -10,6 +10,8 @@ dit.py: paper files import it, it imports no paper file, and nothing here knows 
     load_checkpoint          torch.load(weights_only=True), every failure one sentence
     save_checkpoint          atomic write (temporary file + rename); remove_stale_temporaries cleans up
                              the temporaries that killed processes left behind
+    RunLock                  one writer per run folder (train.lock, held with flock while a run writes)
+    drop_log_records_after   a resumed run's log.jsonl loses the records past its checkpoint
     load_run                 (model, config, schedule) from a checkpoint, the model built by a given function
     build_backbone           the UNet or DiT of a config
     held_out_items           the first n items of a run's held-out split
@@ -20,10 +22,13 @@ dit.py: paper files import it, it imports no paper file, and nothing here knows 
                                                 diverged checkpoint
 """
 import argparse
+import fcntl
 import glob
+import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 
 import numpy as np
@@ -61,32 +66,78 @@ def checkpoint_path(path):
     return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True, turning every failure into one clear sentence."""
+# Config keys that every run of train.py saves and every loader reads, with their types.
+RUN_KEYS = dict(method=str, arch=str, model=str, image_size=int, in_channels=int, num_classes=int, T=int, schedule=str)
+
+
+def load_checkpoint(path, methods=None):
+    """torch.load with weights_only=True, turning every failure into one clear sentence. methods: the
+    registry's method names, to refuse a checkpoint of a method this code does not have."""
     if not os.path.isfile(path):
         raise RunError(f"no checkpoint at {path}: train first (python train.py --out DIR) or check the path")
+    if os.path.getsize(path) == 0:
+        raise RunError(f"{path} is empty (0 bytes), not a checkpoint; pass a checkpoint.pt that train.py wrote")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise RunError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip file (older torch: a pickle)
+        raise RunError(f"{path} is not a checkpoint (not a file that torch.save wrote); pass a checkpoint.pt that "
+                       "train.py wrote")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
+        if "GLOBAL" in str(e):  # a pickled Python object: unpickling it would import and call code
             raise RunError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values, "
                            "which could run code when unpickled; only checkpoints written by train.py load") from None
-        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {e}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {str(e).splitlines()[0]}") from None
+        raise RunError(f"{path} is not a checkpoint (not a file that torch.save wrote); pass a checkpoint.pt that "
+                       "train.py wrote") from None
+    except Exception as e:  # torch's zip reader and unpickler fail in many ways on a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise RunError(f"{path} is not a readable checkpoint (corrupt or truncated): {first}") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         raise RunError(f"{path} is not a checkpoint written by train.py (it lacks 'model' and 'config')")
+    cfg = ckpt["config"]
+    missing = [k for k in RUN_KEYS if k not in cfg] if isinstance(cfg, dict) else list(RUN_KEYS)
+    if missing:
+        raise RunError(f"{path} is not a checkpoint written by train.py: its config lacks {', '.join(missing)}")
+    for k, kind in RUN_KEYS.items():
+        if not isinstance(cfg[k], kind) or isinstance(cfg[k], bool):
+            raise RunError(f"{path} is not a checkpoint written by train.py: its config holds {k}={cfg[k]!r}, "
+                           f"which is not a {'string' if kind is str else 'whole number'}")
+    if methods is not None and cfg["method"] not in methods:
+        raise RunError(f"{path} is a run of --method {cfg['method']!r}, which this code does not have "
+                       f"(it has {', '.join(methods)}); pass a checkpoint of one of those")
     return ckpt
 
 
+def write_failure(path, error):
+    """Why a write of path failed, in words. torch's zip writer reports a full disk as an internal
+    RuntimeError, so the free space is looked at (the partial file still fills the disk here)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    try:
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 20:
+            return "no space left on the disk"
+    except OSError:
+        pass
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a partial checkpoint,
+    and a failed write (a full disk) keeps the checkpoint already there and says so in one sentence."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        kept = "the checkpoint already there is kept" if os.path.isfile(path) else "no checkpoint was written"
+        raise RunError(f"could not write {path} ({write_failure(path, e)}); {kept}: free disk space or fix "
+                       "the folder, then run again") from None
     finally:
         if os.path.exists(tmp):  # an interrupted write leaves no partial file behind
             os.remove(tmp)
@@ -114,11 +165,78 @@ def remove_stale_temporaries(path):
     return removed
 
 
-def load_run(path, build_model, ema=True, device="cpu"):
+class RunLock:
+    """The one-writer rule of a run folder: OUT/train.lock is held with flock while a train.py writes into OUT.
+
+    A second writer is refused in one sentence naming the first one's process id. The OS releases a flock
+    when its process ends, however it ends, so a crashed run leaves no stale lock; the file itself stays
+    (deleting it would let two processes lock two different files of the same name). Entering also makes
+    the folder, so an --out that cannot be written (a file, a read-only filesystem, a name too long) is
+    refused before any work is done.
+    """
+
+    def __init__(self, out):
+        self.out, self.path, self.file = out, os.path.join(out, "train.lock"), None
+
+    def __enter__(self):
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise RunError(f"--out {self.out} is a file, not a folder; choose another --out")
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise RunError(f"cannot write into --out {self.out} ({e.strerror}); choose a folder you can write to") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by another process
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise RunError(f"{self.out} is being written by another train.py (process {holder}); wait for it to "
+                           "finish or choose another --out") from None
+        except OSError as e:  # a filesystem without locks
+            self.file.close()
+            raise RunError(f"cannot lock {self.path} ({e.strerror}); choose an --out on a local disk") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock
+
+
+def drop_log_records_after(path, step):
+    """Rewrite a log.jsonl without the records past `step` (a resumed run logs those steps again), and
+    without a last line that a killed process left half-written; returns how many records were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if rec.get("step", 0) > step:
+                dropped += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
+
+
+def load_run(path, build_model, ema=True, device="cpu", methods=None):
     """(model, config, schedule) from a checkpoint or run folder, the network made by build_model(config);
-    EMA weights by default."""
+    EMA weights by default. methods: the method names build_model knows (see load_checkpoint)."""
     path = checkpoint_path(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, methods)
     cfg = ckpt["config"]
     model = build_model(cfg)
     try:
@@ -206,14 +324,14 @@ def user_omp_threads():
     return value
 
 
-def set_cpu_threads(ddp, master):
-    """Under torchrun on a CPU, each process takes its share of the cores; warn once when they are oversubscribed."""
+def set_cpu_threads(ddp):
+    """Under torchrun on a CPU, each process takes its share of the cores. Returns a note when the cores are
+    oversubscribed (else None), for the caller to print once its settings are known to be good."""
     cores, local_world = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if ddp:
         torch.set_num_threads(cpu_threads(cores, local_world, user_omp_threads()))
-    note = oversubscribed(cores, local_world, torch.get_num_threads(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    if note and master:
-        print(note)
+    return oversubscribed(cores, local_world, torch.get_num_threads(),
+                          os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
 
 @torch.no_grad()

@@ -16,8 +16,14 @@ draws each step's randomness, steps the optimiser, updates the EMA, logs and che
 
 Reproducibility: all randomness of step k (timesteps, noise, dropout, label dropout) is seeded from
 (seed, rank, k), and the data order from (seed, epoch), so a resumed run continues exactly.
-A run directory holds config.json, checkpoint.pt (written atomically), log.jsonl and samples/*.png;
-temporary checkpoint files that a killed process left behind are removed when a run starts or resumes.
+A run directory holds config.json, checkpoint.pt (written atomically), log.jsonl, samples/*.png and
+train.lock (one train.py writes into a run folder at a time); temporary checkpoint files that a killed
+process left behind are removed when a run starts or resumes, and a resumed run's log.jsonl loses the
+records past the checkpoint it continues.
+
+Exit status: 0 when the run reached --steps; 75 (EX_TEMPFAIL) when SIGINT or SIGTERM stopped it after
+saving a checkpoint, so that a scheduler can requeue the same command with --resume; 1 (2 for flags)
+with one sentence when the input is refused. Under torchrun only rank 0 prints the sentence.
 
 Imports: config.py, the registry (methods.py) and the base (diffusion.py, runlib.py).
 """
@@ -41,6 +47,7 @@ import runlib
 from runlib import RunError
 
 ON_GPU = config.ON_GPU
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint saved; the same command with --resume continues
 
 
 class Objective(torch.nn.Module):
@@ -110,13 +117,14 @@ def train(cfg, dataset, resume=None):
         if ON_GPU:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if ON_GPU else "gloo")
-    if not ON_GPU:
-        runlib.set_cpu_threads(ddp, int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    cpu_note = None if ON_GPU else runlib.set_cpu_threads(ddp)  # printed with the run's first lines
     master, out, B = rank == 0, cfg["out"], cfg["batch_size"]
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if master:  # a kill -9 during a checkpoint write leaves checkpoint.pt.tmp.PID behind
         for tmp in runlib.remove_stale_temporaries(ckpt_path):
             print(f"removed {tmp}, a partial checkpoint of a process that no longer runs")
+        if resume is not None and runlib.drop_log_records_after(os.path.join(out, "log.jsonl"), resume["step"]):
+            print(f"log.jsonl: dropped the records past step {resume['step']}, which this run logs again")
 
     model, ema, params, opt, step, seen = build(cfg, resume, device)  # seen: batches consumed (>= step)
     sched = diffusion.Schedule.make(cfg["schedule"], cfg["T"]).to(device)
@@ -138,12 +146,15 @@ def train(cfg, dataset, resume=None):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
+        if cpu_note:
+            print(cpu_note)
         print(f"{'GPU' if ON_GPU else 'CPU'} run, {world} process(es): {cfg['method']} on {cfg['arch']} {cfg['model']} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {cfg['image_size']}px "
               f"{cfg['data']}, batch {B}, {cfg['steps']} steps -> {out}")
         print(json.dumps({k: v for k, v in cfg.items() if v is not None}))
 
-    saved = {"step": step if resume is not None else None}  # the step of the checkpoint on disk
+    # The step of the checkpoint in OUT (a resume from another run's checkpoint into a new OUT has none yet).
+    saved = {"step": step if resume is not None and os.path.isfile(ckpt_path) else None}
     def checkpoint():
         if master:
             runlib.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -158,71 +169,73 @@ def train(cfg, dataset, resume=None):
         stop["signal"] = signal.Signals(signum).name
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    bar = tqdm(total=cfg["steps"], initial=step, disable=not master, dynamic_ncols=True)
     window, nonfinite, rows = LogWindow(cfg["T"], device), 0, slice(rank * (B // world), (rank + 1) * (B // world))
-    while step < cfg["steps"] and stop["signal"] is None:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-        seen += 1
-        # Step-k randomness is a function of (seed, rank, k): exact resume, same draws on every rank count.
-        # Every draw is made for the global batch and this rank keeps its rows.
-        torch.manual_seed(cfg["seed"] * 1_000_003 + step * 7919 + rank)
-        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        rng = runlib.StepRandom(g, B, rank, world, device)  # the method's own draws continue from g
-        batch["t"] = to_device(diffusion.sample_timesteps(B, cfg["T"], generator=g)[rows])
-        batch["noise"] = to_device(torch.randn((B, *batch["image"].shape[1:]), generator=g)[rows])
-        batch["label_drop"] = to_device((torch.rand(B, generator=g) < cfg["cfg_drop"])[rows])  # for CFG
-        batch["weight"] = methods.loss_weight(sched, batch["t"], cfg)  # --weighting (minsnr.py); None: plain mean
-        lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if log_fn is not None and master and window.logged is None:
-            window.logged = log_fn(model, sched, cfg)
+    # The bar closes before an error's sentence is printed, so that the sentence is the last line.
+    with tqdm(total=cfg["steps"], initial=step, disable=not master, dynamic_ncols=True) as bar:
+        while step < cfg["steps"] and stop["signal"] is None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            seen += 1
+            # Step-k randomness is a function of (seed, rank, k): exact resume, same draws on every rank count.
+            # Every draw is made for the global batch and this rank keeps its rows.
+            torch.manual_seed(cfg["seed"] * 1_000_003 + step * 7919 + rank)
+            g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+            rng = runlib.StepRandom(g, B, rank, world, device)  # the method's own draws continue from g
+            batch["t"] = to_device(diffusion.sample_timesteps(B, cfg["T"], generator=g)[rows])
+            batch["noise"] = to_device(torch.randn((B, *batch["image"].shape[1:]), generator=g)[rows])
+            batch["label_drop"] = to_device((torch.rand(B, generator=g) < cfg["cfg_drop"])[rows])  # for CFG
+            batch["weight"] = methods.loss_weight(sched, batch["t"], cfg)  # --weighting (minsnr.py); None: plain mean
+            lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if log_fn is not None and master and window.logged is None:
+                window.logged = log_fn(model, sched, cfg)
 
-        with amp:
-            loss, stats = objective(batch, rng)
-        opt.zero_grad(set_to_none=True)
-        # Backward is queued before the finiteness check reads the loss: the GPU works through it while
-        # the host waits, so the step's one sync costs no GPU time. A non-finite loss gives non-finite
-        # gradients, which are dropped unused.
-        loss.backward()
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop["signal"] is not None))])
-        if ddp:  # every rank must skip, or stop, together
-            dist.all_reduce(flags)
-        skip, halt = flags.tolist()
-        if halt > 0:
-            stop["signal"] = stop["signal"] or "a signal on another rank"
-            seen -= 1  # this batch was not trained on: a resumed run takes it again
-            break
-        if skip > 0:
-            nonfinite += 1
-            opt.zero_grad(set_to_none=True)
-            if nonfinite >= cfg["max_nonfinite"]:
-                raise RunError(f"the loss was not finite for {nonfinite} steps in a row (last at step {step}); "
-                               f"the last good checkpoint in {out} is kept; lower --lr or check the data")
-            continue  # the batch is consumed but the step is not applied
-        nonfinite = 0
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        step += 1
-        runlib.update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
-
-        window.add(loss, batch["t"], stats)
-        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-            rec = window.record(step, lr, B)
-            if master:
-                with open(os.path.join(out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-            window = LogWindow(cfg["T"], device)
-        bar.update(1)
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-            checkpoint()  # before the sample grid: the final save never waits on sampling
-        if master and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
             with amp:
-                grid = sample_fn(ema, sched, cfg, 16, torch.Generator(device).manual_seed(cfg["seed"]), device)
-            runlib.save_grid(grid, os.path.join(out, "samples", f"step_{step:07d}.png"))
-    bar.close()
+                loss, stats = objective(batch, rng)
+            opt.zero_grad(set_to_none=True)
+            # Backward is queued before the finiteness check reads the loss: the GPU works through it while
+            # the host waits, so the step's one sync costs no GPU time. A non-finite loss gives non-finite
+            # gradients, which are dropped unused.
+            loss.backward()
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop["signal"] is not None))])
+            if ddp:  # every rank must skip, or stop, together
+                dist.all_reduce(flags)
+            skip, halt = flags.tolist()
+            if halt > 0:
+                stop["signal"] = stop["signal"] or "a signal on another rank"
+                seen -= 1  # this batch was not trained on: a resumed run takes it again
+                break
+            if skip > 0:
+                nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+                if nonfinite >= cfg["max_nonfinite"]:
+                    kept = (f"the checkpoint of step {saved['step']} in {out} is kept" if saved["step"] is not None
+                            else "no checkpoint was written")
+                    raise RunError(f"the loss was not finite for {nonfinite} steps in a row (last at step {step}); "
+                                   f"{kept}; lower --lr or check the data")
+                continue  # the batch is consumed but the step is not applied
+            nonfinite = 0
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            opt.step()
+            step += 1
+            runlib.update_ema(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
+
+            window.add(loss, batch["t"], stats)
+            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                rec = window.record(step, lr, B)
+                if master:
+                    with open(os.path.join(out, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                window = LogWindow(cfg["T"], device)
+            bar.update(1)
+            if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+                checkpoint()  # before the sample grid: the final save never waits on sampling
+            if master and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
+                with amp:
+                    grid = sample_fn(ema, sched, cfg, 16, torch.Generator(device).manual_seed(cfg["seed"]), device)
+                runlib.save_grid(grid, os.path.join(out, "samples", f"step_{step:07d}.png"))
     if saved["step"] != step:
         checkpoint()
     if master:
@@ -233,17 +246,38 @@ def train(cfg, dataset, resume=None):
     return step
 
 
+def refuse(parser, error, quiet_status):
+    """Exit with the one sentence of a RunError: status 2 with the usage line for flags, else 1. Under
+    torchrun only rank 0 prints it; the other ranks exit with quiet_status, silently."""
+    if os.environ.get("RANK", "0") != "0":
+        sys.exit(quiet_status)
+    sys.stdout.flush()  # what the run printed comes before the sentence, which ends the output
+    if isinstance(error, config.FlagError):
+        parser.error(str(error))
+    sys.exit(f"error: {error}")
+
+
 def main(argv=None):
+    """Train as the command line says; returns the step reached, or exits with EXIT_STOPPED when a signal
+    stopped the run (its checkpoint saved) and with one sentence when the input is refused."""
     parser = config.get_parser(__doc__)
+    master = os.environ.get("RANK", "0") == "0"
+    if not master:  # under torchrun rank 0 alone reports a bad flag, which every rank finds
+        parser.error = lambda message: sys.exit(0)
     try:  # every setting is checked before any process group is joined or any step is taken
         cfg, dataset, resume = config.make_config(argv, parser)
-        if resume is None and os.path.exists(os.path.join(cfg["out"], "checkpoint.pt")):
-            raise RunError(f"{cfg['out']} already holds a run; pass --resume to continue it or choose another --out")
-        return train(cfg, dataset, resume)
-    except config.FlagError as e:
-        parser.error(str(e))
+        config.check_out(cfg)
     except RunError as e:
-        sys.exit(f"error: {e}")
+        # Every rank finds the same: the others exit 0, so that torchrun reports rank 0's one failure.
+        refuse(parser, e, 0)
+    try:
+        with runlib.RunLock(cfg["out"]) if master else contextlib.nullcontext():
+            step = train(cfg, dataset, resume)
+    except RunError as e:
+        refuse(parser, e, 1)
+    if step < cfg["steps"]:
+        sys.exit(EXIT_STOPPED)
+    return step
 
 
 if __name__ == "__main__":

@@ -76,20 +76,22 @@ def test_exact_resume_is_bit_identical(tmp_path, method):
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    runlib.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
+    config = dict(method="ddpm", arch="unet", model="unet-cpu", image_size=16, in_channels=3, num_classes=0, T=1000,
+                  schedule="linear")  # every loader reads these
+    runlib.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": config, "step": 1})
 
     def dying_save(obj, f):  # writes part of the file, then the process "dies"
         open(f, "wb").write(b"partial")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        runlib.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})
+        runlib.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": config, "step": 2})
     assert runlib.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no partial file left behind
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
+def test_signals_save_a_checkpoint_and_exit_with_the_stopped_status(tmp_path, sig):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "--steps", "100000", "--out", str(out)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,7 +101,7 @@ def test_signals_save_a_checkpoint_and_exit_cleanly(tmp_path, sig):
         time.sleep(0.5)
     p.send_signal(sig)
     text, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, text
+    assert p.returncode == train.EXIT_STOPPED == 75, text  # resumable, unlike a finished run (0)
     assert f"stopped by {sig.name}" in text
     ck = load(out / "checkpoint.pt")
     assert 2 <= ck["step"] < 100000 and ck["seen"] == ck["step"]
@@ -214,7 +216,7 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, method):
     run(tmp_path / "one", *extra, "--steps", "6")
     torchrun("train.py", *TINY, *extra, "--steps", "3", "--out", str(tmp_path / "two"))
     # only rank 0 writes files
-    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "config.json", "log.jsonl", "samples"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "config.json", "log.jsonl", "samples", "train.lock"]
     torchrun("train.py", "--resume", "--out", str(tmp_path / "two"), "--steps", "6")  # resume under DDP
     a, b = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "two" / "checkpoint.pt")
     assert b["step"] == 6
