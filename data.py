@@ -3,21 +3,27 @@ The datasets every training run uses, chosen by `--data`: the built-in procedura
 image folders and .npz arrays. This file imports only shapes.py of the project.
 
 What is here:
-    build_dataset(data, size, split, seed)   "shapes" -> shapes.Shapes, a folder -> ImageFolder, a path
-                                    ending in .npz -> NpzDataset; what train.py and sample.py call
+    build_dataset(data, size, split, seed, channels)   "shapes" -> shapes.Shapes, a folder -> ImageFolder,
+                                    a path ending in .npz -> NpzDataset; `channels` 1 or 3 converts the
+                                    images (ChannelView); what train.py, sample.py and metrics.py call
     dataset_info(ds)                what a model needs to know: channels, num_classes, has_depth, has_seg, size
     first_items(ds, n)              the first n items stacked into one batch dict
-    ImageFolder(root, size)         any folder of images (recursive), optional class subfolders
+    ImageFolder(root, size)         any folder of images (recursive), optional class subfolders; 1 channel
+                                    when every image is grayscale, else 3
     NpzDataset(path, size)          arrays in an .npz: `image` plus optional `label`, `depth`, `seg`, ...
-    load_image(path, size)          one image file -> float32 (3, size, size) in [-1,1]
+    ChannelView(ds, channels)       ds with its images turned gray (3 -> 1: the mean of R, G, B) or RGB
+                                    (1 -> 3: the gray plane repeated)
+    load_image(path, size, channels)  one image file -> float32 (channels, size, size) in [-1,1]
 
 Every item is a dict of tensors:
-    image  float32 (C,H,W) in [-1,1]         (C = 3, or whatever an .npz holds, e.g. 4 latent channels)
+    image  float32 (C,H,W) in [-1,1]         (C = 3, 1 for grayscale data, or whatever an .npz holds,
+                                             e.g. 4 latent channels)
     depth  float32 (1,H,W) in [-1,1]         normalised disparity: near = +1 (bright), the back wall = -1
                                              (shapes.depth_to_disparity of metric depth z)
     seg    int64   (H,W)                     0 = background, 1..K = primitive type (shapes.CLASS_NAMES[k - 1])
     label  int64   ()                        image-level class; 0 for unlabeled data
 depth and seg are present only where the data has them: always for shapes, for an .npz when it stores them.
+Every dataset has `channels` (its images' C) and `channel_reason` (why, in words; train.py prints it).
 """
 import os
 import warnings
@@ -33,21 +39,21 @@ import shapes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _to_float_rgb(im):
-    """Any PIL mode -> float32 (H,W,3) in [0,1], or (H,W,1) for high-bit-depth greyscale.
-    Transparency is composited over white."""
+def _to_float(im):
+    """Any PIL mode -> float32 (H,W,1) for the grayscale modes (1, L, LA, I;16, I, F), (H,W,3) for the
+    others, in [0,1]. Transparency is composited over white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: 65535 is white
-        a = np.asarray(im, dtype=np.float32) / 65535
-    elif im.mode == "F":  # float greyscale, taken to be in [0, 1]
-        a = np.asarray(im, dtype=np.float32)
-    else:
-        if im.mode == "P":
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
-            return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])  # over a white background
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    return np.clip(a, 0, 1)[..., None]
+        return np.clip(np.asarray(im, dtype=np.float32) / 65535, 0, 1)[..., None]
+    if im.mode == "F":  # float greyscale, taken to be in [0, 1]
+        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None]
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    gray = im.mode in ("1", "L", "LA", "La")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        a = np.asarray(im.convert("LA" if gray else "RGBA"), dtype=np.float32) / 255
+        return a[..., :-1] * a[..., -1:] + (1 - a[..., -1:])  # over a white background
+    a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255
+    return a[..., None] if gray else a
 
 
 def _center_crop_resize(a, size):
@@ -63,14 +69,34 @@ def _center_crop_resize(a, size):
     return np.clip(np.stack([np.asarray(c) for c in channels], -1), 0, 1)
 
 
-def load_image(path, size):
-    """One image file -> float32 tensor (3, size, size) in [-1,1]."""
+def decode_image(path, size):
+    """One image file -> float32 (size, size, C) in [0,1]: C = 1 for a grayscale mode or an RGB image
+    whose pixels all have R = G = B, else 3."""
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
-        a = _center_crop_resize(_to_float_rgb(im), size)  # (size, size, 3 or 1) in [0, 1]
-    x = torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1  # (3 or 1, size, size)
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+        a = _center_crop_resize(_to_float(im), size)
+    if a.shape[-1] == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+        return a[..., :1]
+    return a
+
+
+def to_channels(x, channels):
+    """An image (C,H,W) -> (channels,H,W): 3 -> 1 averages R, G and B, 1 -> 3 repeats the gray plane."""
+    if x.shape[0] == channels:
+        return x
+    if (x.shape[0], channels) == (3, 1):
+        return x.mean(0, keepdim=True)
+    if (x.shape[0], channels) == (1, 3):
+        return x.expand(3, -1, -1).contiguous()
+    raise ValueError(f"{x.shape[0]}-channel images cannot be turned into {channels} channels; "
+                     "only gray (1) and RGB (3) convert into each other")
+
+
+def load_image(path, size, channels=3):
+    """One image file -> float32 tensor (channels, size, size) in [-1,1]."""
+    a = decode_image(path, size)                                              # (size, size, 1 or 3)
+    return to_channels(torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1, channels)
 
 
 def _image_files(folder):
@@ -88,12 +114,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Labels: when the files all sit in immediate subfolders of root and every subfolder holds
     images, the sorted subfolder names are the classes; otherwise every label is 0 and
-    num_classes is 0 (unlabeled). Every file is decoded once here (verify=True), so a truncated
-    or unreadable file is skipped now, with one warning, rather than crashing a run later.
+    num_classes is 0 (unlabeled). Every file is decoded once here, so a truncated or unreadable
+    file is skipped now, with one warning, rather than crashing a run later; the same pass finds
+    the channels: 1 when every image is grayscale (decode_image), else 3 (gray images repeated).
     """
-    channels, has_depth, has_seg = 3, False, False
+    has_depth, has_seg = False, False
 
-    def __init__(self, root, size=32, verify=True):
+    def __init__(self, root, size=32):
         self.size = shapes._check_size(size)
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist or is not a folder")
@@ -108,32 +135,48 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes = subfolders if labeled else []
         self.num_classes = len(self.classes)
         labels = [self.classes.index(d) if labeled else 0 for d in top]
-        if verify:
-            ok = [self._readable(f) for f in files]
-            bad = [f for f, good in zip(files, ok) if not good]
-            if bad:
-                names = ", ".join(os.path.relpath(f, root) for f in bad[:5])
-                warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root!r}: {names}"
-                              + (", ..." if len(bad) > 5 else ""), stacklevel=2)
-            files = [f for f, good in zip(files, ok) if good]
-            labels = [y for y, good in zip(labels, ok) if good]
-            if not files:
-                raise ValueError(f"no readable images in {root!r}: all {len(bad)} image files failed to load")
-        self.files, self.labels = files, labels
+        found = [self._channels_of(f) for f in files]  # 1, 3, or None for an unreadable file
+        bad = [f for f, c in zip(files, found) if c is None]
+        if bad:
+            names = ", ".join(os.path.relpath(f, root) for f in bad[:5])
+            warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root!r}: {names}"
+                          + (", ..." if len(bad) > 5 else ""), stacklevel=2)
+        self.files = [f for f, c in zip(files, found) if c is not None]
+        self.labels = [y for y, c in zip(labels, found) if c is not None]
+        if not self.files:
+            raise ValueError(f"no readable images in {root!r}: all {len(bad)} image files failed to load")
+        colour = sum(c == 3 for c in found)
+        self.channels = 3 if colour else 1
+        self.channel_reason = (f"{colour} of {len(self.files)} images in {root!r} have colour" if colour else
+                               f"every image in {root!r} is grayscale (mode L/LA, or R = G = B in every pixel)")
 
-    def _readable(self, path):
+    def _channels_of(self, path):
         try:
-            load_image(path, self.size)
-            return True
+            return decode_image(path, self.size).shape[-1]
         except Exception:  # any decoder or conversion failure marks the file as unusable
-            return False
+            return None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        return {"image": load_image(self.files[index], self.size),  # (3, size, size)
+        return {"image": load_image(self.files[index], self.size, self.channels),  # (C, size, size)
                 "label": torch.tensor(self.labels[index])}  # ()
+
+
+def square_resize(x, size, mode):
+    """(C,H,W) tensor -> (C,size,size): centre square crop, then resize (antialiased; "nearest" keeps
+    class ids unblended). size None: unchanged."""
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    if s == size:
+        return x
+    if mode == "nearest":  # class ids must not be blended
+        return F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
+    return F.interpolate(x[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
 class NpzDataset(torch.utils.data.Dataset):
@@ -178,6 +221,7 @@ class NpzDataset(torch.utils.data.Dataset):
             raise ValueError(f"'label' in {path!r} must be class ids 0, 1, 2, ..., got a negative value")
         self.arrays, self.length = arrays, n
         self.channels = arrays["image"].shape[1]
+        self.channel_reason = f"'image' in {path!r} has {self.channels} channel(s)"
         self.num_classes = int(arrays["label"].max()) + 1 if "label" in arrays else 0
         self.has_depth, self.has_seg = "depth" in arrays, "seg" in arrays
 
@@ -206,17 +250,7 @@ class NpzDataset(torch.utils.data.Dataset):
         return self.length
 
     def _resize(self, x, mode):
-        """(C,H,W) tensor -> (C,size,size): centre square crop, then resize."""
-        if self.size is None:
-            return x
-        h, w = x.shape[-2:]
-        s = min(h, w)
-        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        if s == self.size:
-            return x
-        if mode == "nearest":  # class ids must not be blended
-            return F.interpolate(x[None].float(), size=self.size, mode="nearest-exact")[0].to(x.dtype)
-        return F.interpolate(x[None], size=self.size, mode=mode, antialias=True, align_corners=False)[0]
+        return square_resize(x, self.size, mode)
 
     def __getitem__(self, index):
         a = self.arrays
@@ -235,21 +269,54 @@ class NpzDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_dataset(data, size, split="train", seed=0):
+class ChannelView(torch.utils.data.Dataset):
+    """Another dataset with its images turned into `channels` channels (to_channels): an RGB data set
+    trained gray (3 -> 1, the mean of R, G and B) or a gray one trained as RGB (1 -> 3)."""
+
+    def __init__(self, ds, channels):
+        if {ds.channels, channels} - {1, 3}:
+            raise ValueError(f"the data has {ds.channels}-channel images, which cannot be turned into {channels} "
+                             "channels; only gray (1) and RGB (3) convert into each other")
+        self.dataset, self.channels = ds, channels
+        self.num_classes, self.classes = getattr(ds, "num_classes", 0), getattr(ds, "classes", [])
+        self.has_depth, self.has_seg = getattr(ds, "has_depth", False), getattr(ds, "has_seg", False)
+        how = "R, G and B averaged" if channels == 1 else "the gray plane repeated in R, G and B"
+        self.channel_reason = f"{getattr(ds, 'channel_reason', f'{ds.channels}-channel data')}; {how}"
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        item["image"] = to_channels(item["image"], self.channels)                # (channels, H, W)
+        return item
+
+
+def with_channels(ds, channels):
+    """ds itself when its images have `channels` channels (or channels is None), else a ChannelView."""
+    return ds if channels is None or channels == ds.channels else ChannelView(ds, channels)
+
+
+def build_dataset(data, size, split="train", seed=0, channels=None):
     """`data` is "shapes", a folder of images, or a path ending in .npz.
 
     `split` and `seed` choose the Shapes stream; a folder or .npz is one split (point `data` at
-    another folder or file for held-out data).
+    another folder or file for held-out data). `channels` (1 or 3) converts the images; None keeps
+    the data's own.
     """
     shapes._check_split(split)
+    path = isinstance(data, (str, os.PathLike))
     if data == "shapes":
-        return shapes.Shapes(size, split, seed)
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".npz"):
-        return NpzDataset(data, size)
-    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
-        return ImageFolder(data, size)
-    raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
-                     f"or a path ending in .npz")
+        ds = shapes.Shapes(size, split, seed)
+        ds.channel_reason = "the shapes data is RGB"
+    elif path and str(data).lower().endswith(".npz"):
+        ds = NpzDataset(data, size)
+    elif path and os.path.isdir(data):
+        ds = ImageFolder(data, size)
+    else:
+        raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
+                         f"or a path ending in .npz")
+    return with_channels(ds, channels)
 
 
 def dataset_info(ds):
@@ -265,3 +332,4 @@ def first_items(ds, n, device="cpu"):
     """The first n items of ds (fewer if it is shorter) stacked into one batch dict, on device."""
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+

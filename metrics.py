@@ -256,23 +256,24 @@ def data_key(data_name):
     return f"{os.path.basename(path.rstrip(os.sep)) or 'data'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def reference_split(data_name, size, seed=0):
+def reference_split(data_name, size, seed=0, channels=None):
     """(train_dataset, held_out_dataset, held_out_start): shapes has a test split; other data holds out its
-    last 10% (the feature net trains on the rest)."""
-    train = data.build_dataset(data_name, size, "train", seed)
+    last 10% (the feature net trains on the rest). `channels`: the images as 1 or 3 channels (a gray
+    folder scored against samples of a run trained with --channels 3)."""
+    train = data.build_dataset(data_name, size, "train", seed, channels)
     if data_name == "shapes":
-        return train, data.build_dataset(data_name, size, "test", seed), 0
+        return train, data.build_dataset(data_name, size, "test", seed, channels), 0
     return train, train, len(train) - max(1, len(train) // 10)
 
 
 def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", cache=None,
-                     n_train=4096, n_test=1024, steps=400, verbose=True):
+                     n_train=4096, n_test=1024, steps=400, verbose=True, channels=None):
     """The reference net for a dataset and image size: trained once per (data, size, seed) and cached as
     a weights-only checkpoint; `features="random"` is the seeded random initialisation (never cached).
     Returns (net, info) with info["accuracy"] the held-out accuracy (None for random features)."""
     if features not in ("trained", "random"):
         raise ValueError(f"features must be 'trained' or 'random', got {features!r}")
-    train, held, start = reference_split(data_name, size, seed)
+    train, held, start = reference_split(data_name, size, seed, channels)
     info = data.dataset_info(train)
     channels, classes = info["channels"], info["num_classes"]
     if features == "random":
@@ -308,9 +309,9 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
     return net, {"features": "trained", "accuracy": acc, "path": path}
 
 
-def reference_images(data_name, size, n, seed=0):
+def reference_images(data_name, size, n, seed=0, channels=None):
     """n real images the reference net did not train on (shapes: the test split), float (n, C, H, W)."""
-    _, held, start = reference_split(data_name, size, seed)
+    _, held, start = reference_split(data_name, size, seed, channels)
     return stack_items(held, n, start)[0]
 
 
@@ -323,11 +324,11 @@ def evaluate_images(images, data_name="shapes", n_ref=None, k=3, seed=0, feature
     x = as_images(images)
     if len(x) <= k:
         raise ValueError(f"need more than k={k} images for precision/recall, got {len(x)}")
-    size = x.shape[-1]
+    size, channels = x.shape[-1], x.shape[1]
     info = {}
     if net is None:
-        net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose)
-    real = reference_images(data_name, size, n_ref or len(x), seed)
+        net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose, channels=channels)
+    real = reference_images(data_name, size, n_ref or len(x), seed, channels)
     if ref_feats is None:
         ref_feats = extract_features(net, real)
     fake = extract_features(net, x)

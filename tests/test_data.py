@@ -25,7 +25,7 @@ def save(path, im, **kw):
 
 
 def single(path, size=8):
-    """The one image of a folder holding only `path`'s image, as (3, size, size)."""
+    """The one image of a folder holding only `path`'s image, as (C, size, size): C = 1 if it is grayscale."""
     return data.ImageFolder(os.path.dirname(path), size)[0]["image"]
 
 
@@ -51,8 +51,8 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     path = save(str(tmp_path / "g16/a.png"), Image.fromarray(a))
     assert Image.open(path).mode == "I;16"
     im = single(path, size=16)
+    assert im.shape == (1, 16, 16)  # a grayscale folder has one channel
     np.testing.assert_allclose(im[0].numpy(), a / 65535 * 2 - 1, atol=1e-4)  # exact at the same size
-    assert torch.equal(im[0], im[1]) and torch.equal(im[0], im[2])
     dark = single(save(str(tmp_path / "dark/a.png"), Image.fromarray(np.full((10, 10), 1000, np.uint16))))
     np.testing.assert_allclose(dark.numpy(), 1000 / 65535 * 2 - 1, atol=1e-4)  # near black, not white
 
@@ -187,3 +187,51 @@ def test_first_items_stacks_the_first_n_items():
     assert set(b) == set(ds[0]) and b["image"].shape == (3, 3, 16, 16)
     assert all(torch.equal(b[k][2], ds[2][k]) for k in b)
     assert len(data.first_items(ds, 10)["label"]) == 5  # a shorter dataset gives what it has
+
+
+# -----------------------------------------------------------------------------
+# Channels follow the data
+
+def gray_folder(root, n=3, mode="L"):
+    """root/a and root/b, n grayscale images each (mode L, or RGB with R = G = B)."""
+    for c in "ab":
+        for i in range(n):
+            v = 40 * i + (c == "b") * 100
+            save(str(root / c / f"{i}.png"), Image.new(mode, (12, 12), v if mode == "L" else (v, v, v)))
+    return str(root)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_grayscale_folder_has_one_channel(tmp_path, mode):
+    ds = data.build_dataset(gray_folder(tmp_path, mode=mode), 8)
+    assert ds.channels == 1 and ds[0]["image"].shape == (1, 8, 8) and data.dataset_info(ds)["channels"] == 1
+    assert "grayscale" in ds.channel_reason and ds.num_classes == 2
+    save(str(tmp_path / "b" / "red.png"), Image.new("RGB", (12, 12), (200, 10, 10)))  # one colour image
+    ds = data.build_dataset(str(tmp_path), 8)
+    assert ds.channels == 3 and "1 of 7 images" in ds.channel_reason
+    assert ds[0]["image"].shape == (3, 8, 8) and torch.equal(ds[0]["image"][0], ds[0]["image"][2])
+
+
+def test_channels_override_converts_both_ways(tmp_path):
+    gray = data.build_dataset(gray_folder(tmp_path / "g"), 8)
+    rgb = data.build_dataset(gray_folder(tmp_path / "g"), 8, channels=3)
+    assert isinstance(rgb, data.ChannelView) and rgb.num_classes == 2 and len(rgb) == len(gray)
+    assert rgb[4]["image"].shape == (3, 8, 8) and torch.equal(rgb[4]["image"], gray[4]["image"].expand(3, -1, -1))
+    assert rgb[4]["label"] == gray[4]["label"] and "repeated" in rgb.channel_reason
+    shapes_gray = data.build_dataset("shapes", 16, "test", channels=1)
+    item, rgb_item = shapes_gray[0], shapes.Shapes(16, "test")[0]
+    assert item["image"].shape == (1, 16, 16) and torch.allclose(item["image"][0], rgb_item["image"].mean(0))
+    assert torch.equal(item["depth"], rgb_item["depth"]) and shapes_gray.has_depth
+    assert data.build_dataset("shapes", 16, "test", channels=3).__class__ is shapes.Shapes  # nothing to convert
+    np.savez(tmp_path / "lat.npz", image=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="4-channel images, which cannot be turned into 3"):
+        data.build_dataset(str(tmp_path / "lat.npz"), 8, channels=3)
+
+
+def test_npz_with_one_channel(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", image=img, label=np.arange(4) % 2)
+    ds = data.build_dataset(str(tmp_path / "g.npz"), 8)
+    assert ds.channels == 1 and "1 channel" in ds.channel_reason
+    np.testing.assert_allclose(ds[1]["image"].numpy(), img[1].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+
