@@ -480,9 +480,21 @@ def depth_metrics(pred, gt, valid=None, solves=10, frac=0.5, seed=0):
 # -----------------------------------------------------------------------------
 # CLI
 
+def read_samples(f, path):
+    """(images, labels or None) of an opened samples .npz: sample.py's `arr_0` (uint8 (N, H, W, C), the
+    ADM evaluation suite's key) and `labels`, or the older layout's `images`; `arr_1` is read as labels
+    when there is no `labels` (guided-diffusion's class-conditional sample files)."""
+    key = "arr_0" if "arr_0" in f else "images" if "images" in f else None
+    if key is None:
+        raise ValueError(f"{path} has no 'arr_0' (or 'images') array; use an .npz written by sample.py")
+    labels = f["labels"] if "labels" in f else f["arr_1"] if "arr_1" in f and f["arr_1"].ndim == 1 else None
+    return f[key], labels
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, help=".npz written by sample.py (`images`: uint8 (N, H, W, C))")
+    p.add_argument("--samples", required=True, help=".npz written by sample.py (`arr_0`, or `images` in older "
+                   "files: uint8 (N, H, W, C))")
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or an .npz: the real distribution")
     p.add_argument("--n-ref", type=ranged(int, 2), help="held-out real images to compare with (default: as many as samples)")
     p.add_argument("--k", type=ranged(int, 1), default=3, help="k of the k-NN manifolds for precision/recall")
@@ -495,10 +507,8 @@ def main(argv=None):
         if not os.path.isfile(args.samples):
             raise ValueError(f"no samples at {args.samples}: write them with python sample.py --ckpt RUN --n 1000")
         with np.load(args.samples) as f:
-            if "images" not in f:
-                raise ValueError(f"{args.samples} has no 'images' array; use an .npz written by sample.py")
-            images = f["images"]
-            labels = f["labels"] if "labels" in f and args.features == "trained" else None
+            images, labels = read_samples(f, args.samples)
+            labels = labels if args.features == "trained" else None
             if labels is not None and (labels < 0).any():  # sample.py writes -1 for unconditional samples
                 labels = None
         r = evaluate_images(images, args.data, args.n_ref, args.k, args.seed, args.features, args.cache,

@@ -255,7 +255,7 @@ def test_cli_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="no samples at"):
         metrics.main(["--samples", str(tmp_path / "missing.npz")])
     np.savez(tmp_path / "x.npz", other=np.zeros(3))
-    with pytest.raises(SystemExit, match="no 'images' array"):
+    with pytest.raises(SystemExit, match="no 'arr_0' \\(or 'images'\\) array"):
         metrics.main(["--samples", str(tmp_path / "x.npz")])
 
 
@@ -307,3 +307,21 @@ def test_cli_prints_colour_statistics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "class" not in r and "channel deviation" in out
     assert r["colour"]["mean"] == pytest.approx(metrics.channel_stats(u8)["mean"])
+
+
+def test_cli_reads_the_new_and_the_old_samples_layout(tmp_path):
+    # sample.py's arr_0 + labels, the older images + labels, and guided-diffusion's arr_0 + arr_1 score alike.
+    _, held, start = metrics.reference_split("shapes", 16)
+    x, y = metrics.stack_items(held, 24, start)
+    u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    layouts = {"new": dict(arr_0=u8, labels=y.numpy()), "old": dict(images=u8, labels=y.numpy()),
+               "adm": dict(arr_0=u8, arr_1=y.numpy())}
+    fds = []
+    for name, arrays in layouts.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with np.load(tmp_path / f"{name}.npz") as f:
+            images, labels = metrics.read_samples(f, name)
+        assert np.array_equal(images, u8) and np.array_equal(labels, y.numpy())
+        fds.append(metrics.main(["--samples", str(tmp_path / f"{name}.npz"), "--features", "random",
+                                 "--cache", str(tmp_path)])["fd"])
+    assert fds[0] == fds[1] == fds[2]
