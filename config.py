@@ -51,7 +51,8 @@ def get_parser(description=None):
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
     a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU "
       f"({DIT_DEFAULT} with --arch dit)")
-    a("--data", default="shapes", help="'shapes', a folder of images, or an .npz file")
+    a("--data", default="shapes", help="'shapes', a folder of images, the CIFAR-10 binary folder "
+      "(cifar-10-batches-bin), or an .npz file")
     a("--channels", type=int, choices=[1, 3], help="image channels: 1 averages RGB data to gray, 3 trains gray data "
       "as RGB; default: the data's own (1 for a folder whose images are all grayscale)")
     a("--image-size", type=ranged(int, 8, 512))

@@ -1,15 +1,19 @@
 """
 The datasets every training run uses, chosen by `--data`: the built-in procedural "shapes" (shapes.py),
-image folders and .npz arrays. This file imports only shapes.py of the project.
+image folders, the CIFAR-10 binary distribution and .npz arrays. This file imports only shapes.py of the
+project.
 
 What is here:
-    build_dataset(data, size, split, seed, channels)   "shapes" -> shapes.Shapes, a folder -> ImageFolder,
-                                    a path ending in .npz -> NpzDataset; `channels` 1 or 3 converts the
-                                    images (ChannelView); what train.py, sample.py and metrics.py call
+    build_dataset(data, size, split, seed, channels)   "shapes" -> shapes.Shapes, the CIFAR-10 folder ->
+                                    Cifar10, another folder -> ImageFolder, a path ending in .npz ->
+                                    NpzDataset; `channels` 1 or 3 converts the images (ChannelView);
+                                    what train.py, sample.py and metrics.py call
     dataset_info(ds)                what a model needs to know: channels, num_classes, has_depth, has_seg, size
     first_items(ds, n)              the first n items stacked into one batch dict
     ImageFolder(root, size)         any folder of images (recursive), optional class subfolders; 1 channel
                                     when every image is grayscale, else 3
+    Cifar10(folder, size, split)    cifar-10-batches-bin as distributed: data_batch_1..5.bin (train),
+                                    test_batch.bin (test), read as raw bytes (no pickle)
     NpzDataset(path, size)          arrays in an .npz: `image` plus optional `label`, `depth`, `seg`, ...
     ChannelView(ds, channels)       ds with its images turned gray (3 -> 1: the mean of R, G, B) or RGB
                                     (1 -> 3: the gray plane repeated)
@@ -269,6 +273,75 @@ class NpzDataset(torch.utils.data.Dataset):
         return item
 
 
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # a label byte, then the R, G and B planes of a 32x32 image, each row-major
+
+
+def cifar10_folder(path):
+    """The CIFAR-10 binary folder (holding data_batch_*.bin / test_batch.bin) at `path` or at
+    path/cifar-10-batches-bin, or None when `path` is not one."""
+    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
+    for folder in (path, os.path.join(path, "cifar-10-batches-bin")):
+        if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            return folder
+    return None
+
+
+def check_cifar10(folder):
+    """The number of records per file, after checking that all six files are there, that each holds whole
+    3,073-byte records, and that all hold the same number (10,000 in the distribution; tests write
+    fewer): a file cut short, even at a record boundary, is refused in one sentence."""
+    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise ValueError(f"the CIFAR-10 folder {folder!r} lacks {', '.join(missing)}; extract "
+                         "cifar-10-binary.tar.gz again so that it holds data_batch_1..5.bin and test_batch.bin")
+    counts = {}
+    for n in names:
+        size = os.path.getsize(os.path.join(folder, n))
+        if size == 0 or size % CIFAR10_RECORD:
+            raise ValueError(f"{os.path.join(folder, n)!r} is truncated or not a CIFAR-10 binary batch: its "
+                             f"{size} bytes are not a whole number of {CIFAR10_RECORD}-byte records; extract "
+                             "cifar-10-binary.tar.gz again")
+        counts[n] = size // CIFAR10_RECORD
+    if len(set(counts.values())) > 1:
+        short = min(counts, key=counts.get)
+        raise ValueError(f"{os.path.join(folder, short)!r} holds {counts[short]} records but "
+                         f"{max(counts, key=counts.get)} holds {max(counts.values())} (every file of the "
+                         "distribution holds 10,000), so it is truncated; extract cifar-10-binary.tar.gz again")
+    return counts[names[0]]
+
+
+class Cifar10(torch.utils.data.Dataset):
+    """CIFAR-10 as distributed (cifar-10-binary.tar.gz -> cifar-10-batches-bin): split "train" is
+    data_batch_1..5.bin, "test" is test_batch.bin. Each record is 1 label byte (0..9, CIFAR10_CLASSES)
+    and 3,072 pixel bytes, the R plane, then G, then B, 32x32 row-major. The bytes are read as they are
+    (np.fromfile, no pickle); images are resized to `size` like an .npz."""
+    channels, num_classes, classes, has_depth, has_seg = 3, 10, CIFAR10_CLASSES, False, False
+    channel_reason = "CIFAR-10 is RGB"
+
+    def __init__(self, folder, size=32, split="train"):
+        self.size = shapes._check_size(size)
+        check_cifar10(folder)
+        paths = [os.path.join(folder, n) for n in CIFAR10_FILES[split]]
+        self.records = np.concatenate([np.fromfile(p, np.uint8).reshape(-1, CIFAR10_RECORD) for p in paths])
+        labels = self.records[:, 0]
+        if labels.max() > 9:
+            i = int(np.argmax(labels > 9))
+            raise ValueError(f"record {i} of the CIFAR-10 {split} split has label byte {labels[i]}, but CIFAR-10 "
+                             "labels are 0..9; is this CIFAR-100 (whose records have two label bytes)?")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        r = self.records[index]
+        x = torch.from_numpy(r[1:].reshape(3, 32, 32).astype(np.float32)) / 127.5 - 1     # (3, 32, 32)
+        return {"image": square_resize(x, self.size, "bicubic").clamp(-1, 1),          # (3, size, size)
+                "label": torch.tensor(int(r[0]))}
+
+
 class ChannelView(torch.utils.data.Dataset):
     """Another dataset with its images turned into `channels` channels (to_channels): an RGB data set
     trained gray (3 -> 1, the mean of R, G and B) or a gray one trained as RGB (1 -> 3)."""
@@ -298,11 +371,11 @@ def with_channels(ds, channels):
 
 
 def build_dataset(data, size, split="train", seed=0, channels=None):
-    """`data` is "shapes", a folder of images, or a path ending in .npz.
+    """`data` is "shapes", a folder of images, the CIFAR-10 binary folder, or a path ending in .npz.
 
-    `split` and `seed` choose the Shapes stream; a folder or .npz is one split (point `data` at
-    another folder or file for held-out data). `channels` (1 or 3) converts the images; None keeps
-    the data's own.
+    `split` and `seed` choose the Shapes stream; `split` chooses CIFAR-10's (train: the five data
+    batches, test: test_batch); a folder or .npz is one split (point `data` at another folder or file
+    for held-out data). `channels` (1 or 3) converts the images; None keeps the data's own.
     """
     shapes._check_split(split)
     path = isinstance(data, (str, os.PathLike))
@@ -312,11 +385,18 @@ def build_dataset(data, size, split="train", seed=0, channels=None):
     elif path and str(data).lower().endswith(".npz"):
         ds = NpzDataset(data, size)
     elif path and os.path.isdir(data):
-        ds = ImageFolder(data, size)
+        folder = cifar10_folder(data)
+        ds = Cifar10(folder, size, split) if folder else ImageFolder(data, size)
     else:
         raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
                          f"or a path ending in .npz")
     return with_channels(ds, channels)
+
+
+def has_test_split(data):
+    """Whether `data` has its own held-out split (shapes, CIFAR-10); a folder or an .npz has one split."""
+    return data == "shapes" or (isinstance(data, (str, os.PathLike)) and os.path.isdir(data)
+                                and cifar10_folder(data) is not None)
 
 
 def dataset_info(ds):

@@ -257,11 +257,11 @@ def data_key(data_name):
 
 
 def reference_split(data_name, size, seed=0, channels=None):
-    """(train_dataset, held_out_dataset, held_out_start): shapes has a test split; other data holds out its
-    last 10% (the feature net trains on the rest). `channels`: the images as 1 or 3 channels (a gray
-    folder scored against samples of a run trained with --channels 3)."""
+    """(train_dataset, held_out_dataset, held_out_start): shapes and CIFAR-10 have a test split; other data
+    holds out its last 10% (the feature net trains on the rest). `channels`: the images as 1 or 3 channels
+    (a gray folder scored against samples of a run trained with --channels 3)."""
     train = data.build_dataset(data_name, size, "train", seed, channels)
-    if data_name == "shapes":
+    if data.has_test_split(data_name):
         return train, data.build_dataset(data_name, size, "test", seed, channels), 0
     return train, train, len(train) - max(1, len(train) // 10)
 
@@ -296,7 +296,7 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
             if verbose:
                 print(f"retraining the reference net: {path} is unreadable ({type(e).__name__})")
     t0 = time.time()
-    x, y = stack_items(train, n_train if data_name == "shapes" else min(n_train, start))
+    x, y = stack_items(train, n_train if held is not train else min(n_train, start))
     net = fit_feature_net(x, y, classes, seed, steps)
     acc = accuracy(net, *stack_items(held, n_test, start))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -310,7 +310,7 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
 
 
 def reference_images(data_name, size, n, seed=0, channels=None):
-    """n real images the reference net did not train on (shapes: the test split), float (n, C, H, W)."""
+    """n real images the reference net did not train on (shapes, CIFAR-10: the test split), float (n, C, H, W)."""
     _, held, start = reference_split(data_name, size, seed, channels)
     return stack_items(held, n, start)[0]
 
@@ -495,7 +495,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz written by sample.py (`arr_0`, or `images` in older "
                    "files: uint8 (N, H, W, C))")
-    p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or an .npz: the real distribution")
+    p.add_argument("--data", default="shapes", help="'shapes', a folder of images, the CIFAR-10 binary folder or an "
+                   ".npz: the real distribution")
     p.add_argument("--n-ref", type=ranged(int, 2), help="held-out real images to compare with (default: as many as samples)")
     p.add_argument("--k", type=ranged(int, 1), default=3, help="k of the k-NN manifolds for precision/recall")
     p.add_argument("--features", choices=["trained", "random"], default="trained",

@@ -235,3 +235,55 @@ def test_npz_with_one_channel(tmp_path):
     assert ds.channels == 1 and "1 channel" in ds.channel_reason
     np.testing.assert_allclose(ds[1]["image"].numpy(), img[1].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
 
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 as distributed
+
+def write_cifar(root, n=4, names=None):
+    """The six files of cifar-10-batches-bin with n records each: label (i + file) % 10, then the R, G and
+    B planes; pixel (y, x) of plane c is (c * 80 + y * 2 + x + i) % 256. Returns the folder."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = names or data.CIFAR10_FILES["train"] + data.CIFAR10_FILES["test"]
+    yx = np.add.outer(np.arange(32) * 2, np.arange(32))
+    for f, name in enumerate(names):
+        recs = [np.concatenate([[(i + f) % 10], *[((c * 80 + yx + i) % 256).ravel() for c in range(3)]])
+                for i in range(n)]
+        (folder / name).write_bytes(np.array(recs, np.uint8).tobytes())
+    return folder
+
+
+def test_cifar10_records_and_splits(tmp_path):
+    folder = write_cifar(tmp_path)
+    for path in (str(folder), str(tmp_path)):  # the folder itself, or the one it was extracted into
+        train = data.build_dataset(path, 32, "train")
+        assert isinstance(train, data.Cifar10) and len(train) == 5 * 4 and train.num_classes == 10
+    item = train[5]  # file 2 (data_batch_2.bin), record 1
+    assert item["label"].item() == (1 + 1) % 10 and item["image"].shape == (3, 32, 32)
+    expected = (np.arange(3)[:, None, None] * 80 + np.add.outer(np.arange(32) * 2, np.arange(32)) + 1) % 256
+    np.testing.assert_allclose(item["image"].numpy(), expected / 127.5 - 1, atol=1e-6)  # R, G, B planes, row-major
+    test = data.build_dataset(str(folder), 16, "test")
+    assert len(test) == 4 and test[0]["label"].item() == 5 and test[0]["image"].shape == (3, 16, 16)
+    assert data.has_test_split(str(folder)) and not data.has_test_split(str(tmp_path / "elsewhere"))
+    assert data.dataset_info(test)["channels"] == 3 and data.build_dataset(str(folder), 16, channels=1).channels == 1
+
+
+def test_cifar10_truncated_or_incomplete_is_one_sentence(tmp_path):
+    folder = write_cifar(tmp_path)
+    whole = (folder / "data_batch_3.bin").read_bytes()
+    (folder / "data_batch_3.bin").write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=r"data_batch_3.bin' is truncated.*not a whole number of 3073-byte"):
+        data.build_dataset(str(folder), 32)
+    (folder / "data_batch_3.bin").write_bytes(whole[:2 * data.CIFAR10_RECORD])  # cut at a record boundary
+    with pytest.raises(ValueError, match="holds 2 records but .* holds 4 .* so it is truncated"):
+        data.build_dataset(str(folder), 32, "test")
+    (folder / "data_batch_3.bin").unlink()
+    with pytest.raises(ValueError, match="lacks data_batch_3.bin"):
+        data.build_dataset(str(folder), 32)
+    bad = write_cifar(tmp_path / "c100")
+    (bad / "test_batch.bin").write_bytes(bytes([37]) + bytes(3072))
+    for name in data.CIFAR10_FILES["train"]:
+        (bad / name).write_bytes(bytes([1]) + bytes(3072))
+    with pytest.raises(ValueError, match="label byte 37.*CIFAR-100"):
+        data.build_dataset(str(bad), 32, "test")
+

@@ -325,3 +325,18 @@ def test_cli_reads_the_new_and_the_old_samples_layout(tmp_path):
         fds.append(metrics.main(["--samples", str(tmp_path / f"{name}.npz"), "--features", "random",
                                  "--cache", str(tmp_path)])["fd"])
     assert fds[0] == fds[1] == fds[2]
+
+
+def test_cifar10_is_scored_against_its_test_batch(tmp_path, capsys):
+    from test_data import write_cifar
+    folder = write_cifar(tmp_path, n=8)
+    train_split, held, start = metrics.reference_split(str(folder), 16)
+    assert (len(train_split), len(held), start) == (40, 8, 0) and held.records.tobytes() == (
+        folder / "test_batch.bin").read_bytes()
+    net, info = metrics.load_feature_net(str(folder), 16, n_train=40, n_test=8, steps=2, cache=str(tmp_path))
+    assert info["features"] == "trained" and net.head.out_features == 10
+    u8 = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=u8, labels=np.arange(10))
+    r = metrics.main(["--samples", str(tmp_path / "s.npz"), "--data", str(folder), "--features", "random",
+                      "--cache", str(tmp_path)])
+    assert r["n"] == 10 and r["n_ref"] == 8  # all 8 records of test_batch.bin
