@@ -18,6 +18,8 @@ What is here:
     ChannelView(ds, channels)       ds with its images turned gray (3 -> 1: the mean of R, G, B) or RGB
                                     (1 -> 3: the gray plane repeated)
     load_image(path, size, channels)  one image file -> float32 (channels, size, size) in [-1,1]
+    make_glyphs(root)               a small grayscale data set of jittered hand-drawn digits (a stand-in for
+                                    a user's own data): python data.py --make-glyphs DIR
 
 Every item is a dict of tensors:
     image  float32 (C,H,W) in [-1,1]         (C = 3, 1 for grayscale data, or whatever an .npz holds,
@@ -413,3 +415,80 @@ def first_items(ds, n, device="cpu"):
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
+
+# -----------------------------------------------------------------------------
+# A small grayscale data set that is not shapes: jittered hand-drawn digits
+
+def _arc(cx, cy, rx, ry, n=16):
+    """A closed ellipse as n + 1 points, starting at the top."""
+    a = np.linspace(0, 2 * np.pi, n + 1)
+    return list(zip(cx + rx * np.sin(a), cy - ry * np.cos(a)))
+
+
+# digit -> strokes, each a polyline of (x, y) in the unit square, y pointing down
+GLYPH_STROKES = {
+    0: [_arc(0.5, 0.5, 0.25, 0.38)],
+    1: [[(0.36, 0.28), (0.54, 0.12), (0.54, 0.88)]],
+    2: [[(0.26, 0.3), (0.36, 0.15), (0.54, 0.1), (0.7, 0.2), (0.7, 0.38), (0.26, 0.88), (0.76, 0.88)]],
+    3: [[(0.27, 0.18), (0.5, 0.1), (0.7, 0.2), (0.68, 0.38), (0.46, 0.48), (0.7, 0.6), (0.72, 0.8), (0.5, 0.9),
+         (0.26, 0.82)]],
+    4: [[(0.62, 0.9), (0.62, 0.1), (0.22, 0.64), (0.8, 0.64)]],
+    5: [[(0.72, 0.12), (0.34, 0.12), (0.3, 0.46), (0.56, 0.42), (0.72, 0.56), (0.7, 0.8), (0.5, 0.9), (0.28, 0.84)]],
+    6: [[(0.68, 0.12), (0.44, 0.26), (0.3, 0.56), (0.34, 0.84), (0.54, 0.9), (0.7, 0.76), (0.66, 0.56), (0.48, 0.5),
+         (0.32, 0.6)]],
+    7: [[(0.24, 0.12), (0.76, 0.12), (0.42, 0.9)]],
+    8: [_arc(0.5, 0.3, 0.17, 0.18), _arc(0.5, 0.7, 0.21, 0.2)],
+    9: [_arc(0.48, 0.32, 0.2, 0.2), [(0.68, 0.32), (0.62, 0.9)]],
+}
+
+
+def _smooth(points, rounds=2):
+    """Chaikin's corner cutting: each round replaces a corner by two points at 1/4 and 3/4 of its edges."""
+    p = np.asarray(points)
+    for _ in range(rounds):
+        q, r = 0.75 * p[:-1] + 0.25 * p[1:], 0.25 * p[:-1] + 0.75 * p[1:]
+        p = np.concatenate([p[:1], np.stack([q, r], 1).reshape(-1, 2), p[-1:]])
+    return p
+
+
+def draw_glyph(digit, rng, size=16, canvas=64):
+    """One digit as a PIL image (mode L, size x size): its strokes under a random rotation, shear, scale
+    and shift, every point jittered, drawn with a random pen width on a canvas, then downsampled."""
+    from PIL import ImageDraw
+    angle, shear = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25)
+    A = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.array([[1, shear], [0, 1]])
+    A = A * rng.uniform(0.8, 1.05, 2)[None]                                   # (2, 2)
+    shift = 0.5 + rng.uniform(-0.07, 0.07, 2)
+    im = Image.new("L", (canvas, canvas), 0)
+    draw, width, ink = ImageDraw.Draw(im), int(canvas * rng.uniform(0.08, 0.14)), int(rng.uniform(190, 255))
+    for stroke in GLYPH_STROKES[digit]:
+        p = np.asarray(stroke) + rng.normal(0, 0.02, (len(stroke), 2))       # (n, 2) jittered points
+        p = (_smooth(p) - 0.5) @ A.T + shift
+        xy = [tuple(v) for v in p * canvas]
+        draw.line(xy, fill=ink, width=width, joint="curve")
+        for x, y in (xy[0], xy[-1]):  # round pen ends
+            draw.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=ink)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def make_glyphs(root, per_class=150, size=16, seed=0):
+    """Write root/0 .. root/9, per_class grayscale PNGs each (light strokes on black, like MNIST): a small
+    labelled data set in a user's layout, for trying the default recipe on data other than shapes."""
+    rng = np.random.default_rng(seed)
+    for digit in GLYPH_STROKES:
+        os.makedirs(os.path.join(root, str(digit)), exist_ok=True)
+        for i in range(per_class):
+            draw_glyph(digit, rng, size).save(os.path.join(root, str(digit), f"{i:05d}.png"))
+    return 10 * per_class
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Write the glyphs data set: python data.py --make-glyphs DIR")
+    p.add_argument("--make-glyphs", metavar="DIR", required=True, help="folder to write DIR/0 .. DIR/9 into")
+    p.add_argument("--per-class", type=int, default=150)
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    n = make_glyphs(a.make_glyphs, a.per_class, a.size, a.seed)
+    print(f"wrote {n} {a.size}px grayscale digits to {a.make_glyphs}/0 .. {a.make_glyphs}/9")

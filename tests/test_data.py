@@ -287,3 +287,17 @@ def test_cifar10_truncated_or_incomplete_is_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="label byte 37.*CIFAR-100"):
         data.build_dataset(str(bad), 32, "test")
 
+
+# -----------------------------------------------------------------------------
+# The glyphs data set
+
+def test_make_glyphs_writes_a_grayscale_class_tree(tmp_path):
+    assert data.make_glyphs(str(tmp_path), per_class=2) == 20
+    assert sorted(os.listdir(tmp_path)) == [str(d) for d in range(10)]
+    ds = data.build_dataset(str(tmp_path), 16)
+    assert len(ds) == 20 and ds.num_classes == 10 and ds.channels == 1
+    x = torch.stack([ds[i]["image"] for i in range(20)])                      # (20, 1, 16, 16)
+    assert x.min() == -1 and x.max() > 0.3  # light strokes on black
+    again = tmp_path / "again"
+    data.make_glyphs(str(again), per_class=2)
+    assert (again / "7" / "00001.png").read_bytes() == (tmp_path / "7" / "00001.png").read_bytes()  # seeded
