@@ -36,7 +36,7 @@ Differences from the papers, said plainly:
       ImageNet/CIFAR FIDs; they only rank models evaluated with the same reference net (same data, image
       size and seed) and the same number of images (FD is biased upwards for small N).
     - Folder or .npz datasets: `--features trained` trains the same CNN on the dataset's labels (it needs
-      at least two classes; the last 10% of items are held out for its accuracy and as the real images);
+      at least two classes; every 10th item is held out for its accuracy and as the real images);
       `--features random` uses the CNN at a fixed random initialisation, which needs no labels. Random features still separate distributions (FD = 0 only for matching statistics) but
       weigh low-level statistics more than shape semantics; report which one you used.
     - MT-Diffusion reports LPIPS, which needs VGG weights; perceptual_distance is LPIPS's formula
@@ -62,7 +62,8 @@ from runlib import ranged
 
 CACHE_ENV = "DIFFUSION_FOUR_PAPERS_CACHE"  # overrides the cache folder (tests point it at a tmp dir)
 DEFAULT_CACHE = os.path.join("~", ".cache", "diffusion-four-papers")
-FEATURE_NET_VERSION = 1  # bump when FeatureNet or its training changes: cached weights are then retrained
+FEATURE_NET_VERSION = 2  # bump when FeatureNet or its training changes: cached weights are then retrained
+# (2: folder and .npz data hold out every 10th item, not the last 10%)
 
 
 # -----------------------------------------------------------------------------
@@ -257,13 +258,16 @@ def data_key(data_name):
 
 
 def reference_split(data_name, size, seed=0, channels=None):
-    """(train_dataset, held_out_dataset, held_out_start): shapes and CIFAR-10 have a test split; other data
-    holds out its last 10% (the feature net trains on the rest). `channels`: the images as 1 or 3 channels
-    (a gray folder scored against samples of a run trained with --channels 3)."""
+    """(train_dataset, held_out_dataset, held_out_start = 0): shapes and CIFAR-10 have a test split; other
+    data holds out every 10th item and the feature net trains on the rest, so that a folder read class by
+    class holds out every class. `channels`: the images as 1 or 3 channels (a gray folder scored against
+    samples of a run trained with --channels 3)."""
     train = data.build_dataset(data_name, size, "train", seed, channels)
     if data.has_test_split(data_name):
         return train, data.build_dataset(data_name, size, "test", seed, channels), 0
-    return train, train, len(train) - max(1, len(train) // 10)
+    held = list(range(9, len(train), 10)) or [len(train) - 1]
+    rest = sorted(set(range(len(train))) - set(held))
+    return torch.utils.data.Subset(train, rest), torch.utils.data.Subset(train, held), 0
 
 
 def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", cache=None,
@@ -296,7 +300,7 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
             if verbose:
                 print(f"retraining the reference net: {path} is unreadable ({type(e).__name__})")
     t0 = time.time()
-    x, y = stack_items(train, n_train if held is not train else min(n_train, start))
+    x, y = stack_items(train, n_train)
     net = fit_feature_net(x, y, classes, seed, steps)
     acc = accuracy(net, *stack_items(held, n_test, start))
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -340,3 +340,11 @@ def test_cifar10_is_scored_against_its_test_batch(tmp_path, capsys):
     r = metrics.main(["--samples", str(tmp_path / "s.npz"), "--data", str(folder), "--features", "random",
                       "--cache", str(tmp_path)])
     assert r["n"] == 10 and r["n_ref"] == 8  # all 8 records of test_batch.bin
+
+
+def test_a_folder_read_class_by_class_holds_out_every_class(tmp_path):
+    data.make_glyphs(str(tmp_path / "g"), per_class=10)  # files sorted by class: 0/..., 1/..., ..., 9/...
+    train, held, start = metrics.reference_split(str(tmp_path / "g"), 16)
+    labels = lambda ds: {ds[i]["label"].item() for i in range(len(ds))}
+    assert (len(train), len(held), start) == (90, 10, 0) and labels(held) == labels(train) == set(range(10))
+    assert not set(train.indices) & set(held.indices)
