@@ -490,5 +490,10 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    n = make_glyphs(a.make_glyphs, a.per_class, a.size, a.seed)
+    if a.per_class < 1 or a.size < 4:
+        p.error("--per-class must be at least 1 and --size at least 4")
+    try:
+        n = make_glyphs(a.make_glyphs, a.per_class, a.size, a.seed)
+    except OSError as e:
+        p.exit(1, f"error: cannot write the glyphs into {a.make_glyphs}: {e.strerror or e}\n")
     print(f"wrote {n} {a.size}px grayscale digits to {a.make_glyphs}/0 .. {a.make_glyphs}/9")
