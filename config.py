@@ -52,7 +52,10 @@ def get_parser(description=None):
     a("--arch", choices=["unet", "dit"], help="default: inferred from --model")
     a("--model", choices=list(UNET_PRESETS) + list(DIT_PRESETS), help="preset; default unet-cpu on CPU, unet-gpu on GPU "
       f"({DIT_DEFAULT} with --arch dit)")
-    a("--data", default="shapes", help="'shapes', a folder of images, or an .npz file")
+    a("--data", default="shapes", help="'shapes', a folder of images, the CIFAR-10 binary folder "
+      "(cifar-10-batches-bin), or an .npz file")
+    a("--channels", type=int, choices=[1, 3], help="image channels: 1 averages RGB data to gray, 3 trains gray data "
+      "as RGB; default: the data's own (1 for a folder whose images are all grayscale)")
     a("--image-size", type=ranged(int, 8, 512))
     a("--class-cond", type=int, choices=[0, 1], default=1, help="condition on labels when the data has several classes")
     a("--cfg-drop", type=ranged(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
@@ -119,6 +122,18 @@ def describe_data(cfg, dataset):
     cfg["in_channels"] = info["channels"]
     cfg["num_classes"] = info["num_classes"] if cfg["class_cond"] and info["num_classes"] > 1 else 0
     return info
+
+
+def channel_line(cfg, dataset):
+    """One line saying how many image channels the run trains and why: --channels, the checkpoint's
+    choice kept on resume, or the data (with the flag that overrides it)."""
+    c, why = cfg["in_channels"], getattr(dataset, "channel_reason", "the data has them")
+    if cfg.get("channels"):
+        return f"channels: {c}, as --channels {c} asks: {why}"
+    if isinstance(dataset, data.ChannelView):
+        return f"channels: {c}, kept from the checkpoint: {why}"
+    other = {1: "; --channels 3 trains it as RGB", 3: "; --channels 1 averages it to gray"}.get(c, "")
+    return f"channels: {c}, because {why}{other}"
 
 
 def check_image_size(cfg):
@@ -237,7 +252,10 @@ def make_config(argv, parser=None):
     elif cfg["init"]:
         init = runlib.load_checkpoint(cfg["init"], methods.METHODS)["config"]
     try:
-        dataset = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+        dataset = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"], cfg.get("channels"))
+        kept = resume["config"]["in_channels"] if resume is not None else None
+        if kept in (1, 3) and dataset.channels in (1, 3) and cfg.get("channels") is None:
+            dataset = data.with_channels(dataset, kept)  # a resumed run keeps the channels it was trained with
     except ValueError as e:
         raise RunError(str(e)) from None
     describe_data(cfg, dataset)

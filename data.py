@@ -1,23 +1,35 @@
 """
 The datasets every training run uses, chosen by `--data`: the built-in procedural "shapes" (shapes.py),
-image folders and .npz arrays. This file imports only shapes.py of the project.
+image folders, the CIFAR-10 binary distribution and .npz arrays. This file imports only shapes.py of the
+project.
 
 What is here:
-    build_dataset(data, size, split, seed)   "shapes" -> shapes.Shapes, a folder -> ImageFolder, a path
-                                    ending in .npz -> NpzDataset; what train.py and sample.py call
+    build_dataset(data, size, split, seed, channels)   "shapes" -> shapes.Shapes, the CIFAR-10 folder ->
+                                    Cifar10, another folder -> ImageFolder, a path ending in .npz ->
+                                    NpzDataset; `channels` 1 or 3 converts the images (ChannelView);
+                                    what train.py, sample.py and metrics.py call
     dataset_info(ds)                what a model needs to know: channels, num_classes, has_depth, has_seg, size
     first_items(ds, n)              the first n items stacked into one batch dict
-    ImageFolder(root, size)         any folder of images (recursive), optional class subfolders
+    ImageFolder(root, size)         any folder of images (recursive), optional class subfolders; 1 channel
+                                    when every image is grayscale, else 3
+    Cifar10(folder, size, split)    cifar-10-batches-bin as distributed: data_batch_1..5.bin (train),
+                                    test_batch.bin (test), read as raw bytes (no pickle)
     NpzDataset(path, size)          arrays in an .npz: `image` plus optional `label`, `depth`, `seg`, ...
-    load_image(path, size)          one image file -> float32 (3, size, size) in [-1,1]
+    ChannelView(ds, channels)       ds with its images turned gray (3 -> 1: the mean of R, G, B) or RGB
+                                    (1 -> 3: the gray plane repeated)
+    load_image(path, size, channels)  one image file -> float32 (channels, size, size) in [-1,1]
+    make_glyphs(root)               a small grayscale data set of jittered hand-drawn digits (a stand-in for
+                                    a user's own data): python data.py --make-glyphs DIR
 
 Every item is a dict of tensors:
-    image  float32 (C,H,W) in [-1,1]         (C = 3, or whatever an .npz holds, e.g. 4 latent channels)
+    image  float32 (C,H,W) in [-1,1]         (C = 3, 1 for grayscale data, or whatever an .npz holds,
+                                             e.g. 4 latent channels)
     depth  float32 (1,H,W) in [-1,1]         normalised disparity: near = +1 (bright), the back wall = -1
                                              (shapes.depth_to_disparity of metric depth z)
     seg    int64   (H,W)                     0 = background, 1..K = primitive type (shapes.CLASS_NAMES[k - 1])
     label  int64   ()                        image-level class; 0 for unlabeled data
 depth and seg are present only where the data has them: always for shapes, for an .npz when it stores them.
+Every dataset has `channels` (its images' C) and `channel_reason` (why, in words; train.py prints it).
 """
 import os
 import warnings
@@ -33,21 +45,21 @@ import shapes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _to_float_rgb(im):
-    """Any PIL mode -> float32 (H,W,3) in [0,1], or (H,W,1) for high-bit-depth greyscale.
-    Transparency is composited over white."""
+def _to_float(im):
+    """Any PIL mode -> float32 (H,W,1) for the grayscale modes (1, L, LA, I;16, I, F), (H,W,3) for the
+    others, in [0,1]. Transparency is composited over white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: 65535 is white
-        a = np.asarray(im, dtype=np.float32) / 65535
-    elif im.mode == "F":  # float greyscale, taken to be in [0, 1]
-        a = np.asarray(im, dtype=np.float32)
-    else:
-        if im.mode == "P":
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
-            return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])  # over a white background
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    return np.clip(a, 0, 1)[..., None]
+        return np.clip(np.asarray(im, dtype=np.float32) / 65535, 0, 1)[..., None]
+    if im.mode == "F":  # float greyscale, taken to be in [0, 1]
+        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None]
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    gray = im.mode in ("1", "L", "LA", "La")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        a = np.asarray(im.convert("LA" if gray else "RGBA"), dtype=np.float32) / 255
+        return a[..., :-1] * a[..., -1:] + (1 - a[..., -1:])  # over a white background
+    a = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) / 255
+    return a[..., None] if gray else a
 
 
 def _center_crop_resize(a, size):
@@ -63,14 +75,34 @@ def _center_crop_resize(a, size):
     return np.clip(np.stack([np.asarray(c) for c in channels], -1), 0, 1)
 
 
-def load_image(path, size):
-    """One image file -> float32 tensor (3, size, size) in [-1,1]."""
+def decode_image(path, size):
+    """One image file -> float32 (size, size, C) in [0,1]: C = 1 for a grayscale mode or an RGB image
+    whose pixels all have R = G = B, else 3."""
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
-        a = _center_crop_resize(_to_float_rgb(im), size)  # (size, size, 3 or 1) in [0, 1]
-    x = torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1  # (3 or 1, size, size)
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+        a = _center_crop_resize(_to_float(im), size)
+    if a.shape[-1] == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+        return a[..., :1]
+    return a
+
+
+def to_channels(x, channels):
+    """An image (C,H,W) -> (channels,H,W): 3 -> 1 averages R, G and B, 1 -> 3 repeats the gray plane."""
+    if x.shape[0] == channels:
+        return x
+    if (x.shape[0], channels) == (3, 1):
+        return x.mean(0, keepdim=True)
+    if (x.shape[0], channels) == (1, 3):
+        return x.expand(3, -1, -1).contiguous()
+    raise ValueError(f"{x.shape[0]}-channel images cannot be turned into {channels} channels; "
+                     "only gray (1) and RGB (3) convert into each other")
+
+
+def load_image(path, size, channels=3):
+    """One image file -> float32 tensor (channels, size, size) in [-1,1]."""
+    a = decode_image(path, size)                                              # (size, size, 1 or 3)
+    return to_channels(torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1, channels)
 
 
 def _image_files(folder):
@@ -88,12 +120,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Labels: when the files all sit in immediate subfolders of root and every subfolder holds
     images, the sorted subfolder names are the classes; otherwise every label is 0 and
-    num_classes is 0 (unlabeled). Every file is decoded once here (verify=True), so a truncated
-    or unreadable file is skipped now, with one warning, rather than crashing a run later.
+    num_classes is 0 (unlabeled). Every file is decoded once here, so a truncated or unreadable
+    file is skipped now, with one warning, rather than crashing a run later; the same pass finds
+    the channels: 1 when every image is grayscale (decode_image), else 3 (gray images repeated).
     """
-    channels, has_depth, has_seg = 3, False, False
+    has_depth, has_seg = False, False
 
-    def __init__(self, root, size=32, verify=True):
+    def __init__(self, root, size=32):
         self.size = shapes._check_size(size)
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist or is not a folder")
@@ -108,32 +141,48 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes = subfolders if labeled else []
         self.num_classes = len(self.classes)
         labels = [self.classes.index(d) if labeled else 0 for d in top]
-        if verify:
-            ok = [self._readable(f) for f in files]
-            bad = [f for f, good in zip(files, ok) if not good]
-            if bad:
-                names = ", ".join(os.path.relpath(f, root) for f in bad[:5])
-                warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root!r}: {names}"
-                              + (", ..." if len(bad) > 5 else ""), stacklevel=2)
-            files = [f for f, good in zip(files, ok) if good]
-            labels = [y for y, good in zip(labels, ok) if good]
-            if not files:
-                raise ValueError(f"no readable images in {root!r}: all {len(bad)} image files failed to load")
-        self.files, self.labels = files, labels
+        found = [self._channels_of(f) for f in files]  # 1, 3, or None for an unreadable file
+        bad = [f for f, c in zip(files, found) if c is None]
+        if bad:
+            names = ", ".join(os.path.relpath(f, root) for f in bad[:5])
+            warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {root!r}: {names}"
+                          + (", ..." if len(bad) > 5 else ""), stacklevel=2)
+        self.files = [f for f, c in zip(files, found) if c is not None]
+        self.labels = [y for y, c in zip(labels, found) if c is not None]
+        if not self.files:
+            raise ValueError(f"no readable images in {root!r}: all {len(bad)} image files failed to load")
+        colour = sum(c == 3 for c in found)
+        self.channels = 3 if colour else 1
+        self.channel_reason = (f"{colour} of {len(self.files)} images in {root!r} have colour" if colour else
+                               f"every image in {root!r} is grayscale (mode L/LA, or R = G = B in every pixel)")
 
-    def _readable(self, path):
+    def _channels_of(self, path):
         try:
-            load_image(path, self.size)
-            return True
+            return decode_image(path, self.size).shape[-1]
         except Exception:  # any decoder or conversion failure marks the file as unusable
-            return False
+            return None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        return {"image": load_image(self.files[index], self.size),  # (3, size, size)
+        return {"image": load_image(self.files[index], self.size, self.channels),  # (C, size, size)
                 "label": torch.tensor(self.labels[index])}  # ()
+
+
+def square_resize(x, size, mode):
+    """(C,H,W) tensor -> (C,size,size): centre square crop, then resize (antialiased; "nearest" keeps
+    class ids unblended). size None: unchanged."""
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    if s == size:
+        return x
+    if mode == "nearest":  # class ids must not be blended
+        return F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
+    return F.interpolate(x[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
 class NpzDataset(torch.utils.data.Dataset):
@@ -178,6 +227,7 @@ class NpzDataset(torch.utils.data.Dataset):
             raise ValueError(f"'label' in {path!r} must be class ids 0, 1, 2, ..., got a negative value")
         self.arrays, self.length = arrays, n
         self.channels = arrays["image"].shape[1]
+        self.channel_reason = f"'image' in {path!r} has {self.channels} channel(s)"
         self.num_classes = int(arrays["label"].max()) + 1 if "label" in arrays else 0
         self.has_depth, self.has_seg = "depth" in arrays, "seg" in arrays
 
@@ -206,17 +256,7 @@ class NpzDataset(torch.utils.data.Dataset):
         return self.length
 
     def _resize(self, x, mode):
-        """(C,H,W) tensor -> (C,size,size): centre square crop, then resize."""
-        if self.size is None:
-            return x
-        h, w = x.shape[-2:]
-        s = min(h, w)
-        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        if s == self.size:
-            return x
-        if mode == "nearest":  # class ids must not be blended
-            return F.interpolate(x[None].float(), size=self.size, mode="nearest-exact")[0].to(x.dtype)
-        return F.interpolate(x[None], size=self.size, mode=mode, antialias=True, align_corners=False)[0]
+        return square_resize(x, self.size, mode)
 
     def __getitem__(self, index):
         a = self.arrays
@@ -235,21 +275,130 @@ class NpzDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_dataset(data, size, split="train", seed=0):
-    """`data` is "shapes", a folder of images, or a path ending in .npz.
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # a label byte, then the R, G and B planes of a 32x32 image, each row-major
 
-    `split` and `seed` choose the Shapes stream; a folder or .npz is one split (point `data` at
-    another folder or file for held-out data).
+
+def cifar10_folder(path):
+    """The CIFAR-10 binary folder (holding data_batch_*.bin / test_batch.bin) at `path` or at
+    path/cifar-10-batches-bin, or None when `path` is not one."""
+    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
+    for folder in (path, os.path.join(path, "cifar-10-batches-bin")):
+        if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            return folder
+    return None
+
+
+def check_cifar10(folder):
+    """The number of records per file, after checking that all six files are there, that each holds whole
+    3,073-byte records, and that all hold the same number (10,000 in the distribution; tests write
+    fewer): a file cut short, even at a record boundary, is refused in one sentence."""
+    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise ValueError(f"the CIFAR-10 folder {folder!r} lacks {', '.join(missing)}; extract "
+                         "cifar-10-binary.tar.gz again so that it holds data_batch_1..5.bin and test_batch.bin")
+    counts = {}
+    for n in names:
+        size = os.path.getsize(os.path.join(folder, n))
+        if size == 0 or size % CIFAR10_RECORD:
+            raise ValueError(f"{os.path.join(folder, n)!r} is truncated or not a CIFAR-10 binary batch: its "
+                             f"{size} bytes are not a whole number of {CIFAR10_RECORD}-byte records; extract "
+                             "cifar-10-binary.tar.gz again")
+        counts[n] = size // CIFAR10_RECORD
+    if len(set(counts.values())) > 1:
+        short = min(counts, key=counts.get)
+        raise ValueError(f"{os.path.join(folder, short)!r} holds {counts[short]} records but "
+                         f"{max(counts, key=counts.get)} holds {max(counts.values())} (every file of the "
+                         "distribution holds 10,000), so it is truncated; extract cifar-10-binary.tar.gz again")
+    return counts[names[0]]
+
+
+class Cifar10(torch.utils.data.Dataset):
+    """CIFAR-10 as distributed (cifar-10-binary.tar.gz -> cifar-10-batches-bin): split "train" is
+    data_batch_1..5.bin, "test" is test_batch.bin. Each record is 1 label byte (0..9, CIFAR10_CLASSES)
+    and 3,072 pixel bytes, the R plane, then G, then B, 32x32 row-major. The bytes are read as they are
+    (np.fromfile, no pickle); images are resized to `size` like an .npz."""
+    channels, num_classes, classes, has_depth, has_seg = 3, 10, CIFAR10_CLASSES, False, False
+    channel_reason = "CIFAR-10 is RGB"
+
+    def __init__(self, folder, size=32, split="train"):
+        self.size = shapes._check_size(size)
+        check_cifar10(folder)
+        paths = [os.path.join(folder, n) for n in CIFAR10_FILES[split]]
+        self.records = np.concatenate([np.fromfile(p, np.uint8).reshape(-1, CIFAR10_RECORD) for p in paths])
+        labels = self.records[:, 0]
+        if labels.max() > 9:
+            i = int(np.argmax(labels > 9))
+            raise ValueError(f"record {i} of the CIFAR-10 {split} split has label byte {labels[i]}, but CIFAR-10 "
+                             "labels are 0..9; is this CIFAR-100 (whose records have two label bytes)?")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        r = self.records[index]
+        x = torch.from_numpy(r[1:].reshape(3, 32, 32).astype(np.float32)) / 127.5 - 1     # (3, 32, 32)
+        return {"image": square_resize(x, self.size, "bicubic").clamp(-1, 1),          # (3, size, size)
+                "label": torch.tensor(int(r[0]))}
+
+
+class ChannelView(torch.utils.data.Dataset):
+    """Another dataset with its images turned into `channels` channels (to_channels): an RGB data set
+    trained gray (3 -> 1, the mean of R, G and B) or a gray one trained as RGB (1 -> 3)."""
+
+    def __init__(self, ds, channels):
+        if {ds.channels, channels} - {1, 3}:
+            raise ValueError(f"the data has {ds.channels}-channel images, which cannot be turned into {channels} "
+                             "channels; only gray (1) and RGB (3) convert into each other")
+        self.dataset, self.channels = ds, channels
+        self.num_classes, self.classes = getattr(ds, "num_classes", 0), getattr(ds, "classes", [])
+        self.has_depth, self.has_seg = getattr(ds, "has_depth", False), getattr(ds, "has_seg", False)
+        how = "R, G and B averaged" if channels == 1 else "the gray plane repeated in R, G and B"
+        self.channel_reason = f"{getattr(ds, 'channel_reason', f'{ds.channels}-channel data')}; {how}"
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        item["image"] = to_channels(item["image"], self.channels)                # (channels, H, W)
+        return item
+
+
+def with_channels(ds, channels):
+    """ds itself when its images have `channels` channels (or channels is None), else a ChannelView."""
+    return ds if channels is None or channels == ds.channels else ChannelView(ds, channels)
+
+
+def build_dataset(data, size, split="train", seed=0, channels=None):
+    """`data` is "shapes", a folder of images, the CIFAR-10 binary folder, or a path ending in .npz.
+
+    `split` and `seed` choose the Shapes stream; `split` chooses CIFAR-10's (train: the five data
+    batches, test: test_batch); a folder or .npz is one split (point `data` at another folder or file
+    for held-out data). `channels` (1 or 3) converts the images; None keeps the data's own.
     """
     shapes._check_split(split)
+    path = isinstance(data, (str, os.PathLike))
     if data == "shapes":
-        return shapes.Shapes(size, split, seed)
-    if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".npz"):
-        return NpzDataset(data, size)
-    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
-        return ImageFolder(data, size)
-    raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
-                     f"or a path ending in .npz")
+        ds = shapes.Shapes(size, split, seed)
+        ds.channel_reason = "the shapes data is RGB"
+    elif path and str(data).lower().endswith(".npz"):
+        ds = NpzDataset(data, size)
+    elif path and os.path.isdir(data):
+        folder = cifar10_folder(data)
+        ds = Cifar10(folder, size, split) if folder else ImageFolder(data, size)
+    else:
+        raise ValueError(f"unknown data {data!r}: expected 'shapes', an existing folder of images, "
+                         f"or a path ending in .npz")
+    return with_channels(ds, channels)
+
+
+def has_test_split(data):
+    """Whether `data` has its own held-out split (shapes, CIFAR-10); a folder or an .npz has one split."""
+    return data == "shapes" or (isinstance(data, (str, os.PathLike)) and os.path.isdir(data)
+                                and cifar10_folder(data) is not None)
 
 
 def dataset_info(ds):
@@ -265,3 +414,86 @@ def first_items(ds, n, device="cpu"):
     """The first n items of ds (fewer if it is shorter) stacked into one batch dict, on device."""
     items = [ds[i] for i in range(min(n, len(ds)))]
     return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+# -----------------------------------------------------------------------------
+# A small grayscale data set that is not shapes: jittered hand-drawn digits
+
+def _arc(cx, cy, rx, ry, n=16):
+    """A closed ellipse as n + 1 points, starting at the top."""
+    a = np.linspace(0, 2 * np.pi, n + 1)
+    return list(zip(cx + rx * np.sin(a), cy - ry * np.cos(a)))
+
+
+# digit -> strokes, each a polyline of (x, y) in the unit square, y pointing down
+GLYPH_STROKES = {
+    0: [_arc(0.5, 0.5, 0.25, 0.38)],
+    1: [[(0.36, 0.28), (0.54, 0.12), (0.54, 0.88)]],
+    2: [[(0.26, 0.3), (0.36, 0.15), (0.54, 0.1), (0.7, 0.2), (0.7, 0.38), (0.26, 0.88), (0.76, 0.88)]],
+    3: [[(0.27, 0.18), (0.5, 0.1), (0.7, 0.2), (0.68, 0.38), (0.46, 0.48), (0.7, 0.6), (0.72, 0.8), (0.5, 0.9),
+         (0.26, 0.82)]],
+    4: [[(0.62, 0.9), (0.62, 0.1), (0.22, 0.64), (0.8, 0.64)]],
+    5: [[(0.72, 0.12), (0.34, 0.12), (0.3, 0.46), (0.56, 0.42), (0.72, 0.56), (0.7, 0.8), (0.5, 0.9), (0.28, 0.84)]],
+    6: [[(0.68, 0.12), (0.44, 0.26), (0.3, 0.56), (0.34, 0.84), (0.54, 0.9), (0.7, 0.76), (0.66, 0.56), (0.48, 0.5),
+         (0.32, 0.6)]],
+    7: [[(0.24, 0.12), (0.76, 0.12), (0.42, 0.9)]],
+    8: [_arc(0.5, 0.3, 0.17, 0.18), _arc(0.5, 0.7, 0.21, 0.2)],
+    9: [_arc(0.48, 0.32, 0.2, 0.2), [(0.68, 0.32), (0.62, 0.9)]],
+}
+
+
+def _smooth(points, rounds=2):
+    """Chaikin's corner cutting: each round replaces a corner by two points at 1/4 and 3/4 of its edges."""
+    p = np.asarray(points)
+    for _ in range(rounds):
+        q, r = 0.75 * p[:-1] + 0.25 * p[1:], 0.25 * p[:-1] + 0.75 * p[1:]
+        p = np.concatenate([p[:1], np.stack([q, r], 1).reshape(-1, 2), p[-1:]])
+    return p
+
+
+def draw_glyph(digit, rng, size=16, canvas=64):
+    """One digit as a PIL image (mode L, size x size): its strokes under a random rotation, shear, scale
+    and shift, every point jittered, drawn with a random pen width on a canvas, then downsampled."""
+    from PIL import ImageDraw
+    angle, shear = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25)
+    A = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.array([[1, shear], [0, 1]])
+    A = A * rng.uniform(0.8, 1.05, 2)[None]                                   # (2, 2)
+    shift = 0.5 + rng.uniform(-0.07, 0.07, 2)
+    im = Image.new("L", (canvas, canvas), 0)
+    draw, width, ink = ImageDraw.Draw(im), int(canvas * rng.uniform(0.08, 0.14)), int(rng.uniform(190, 255))
+    for stroke in GLYPH_STROKES[digit]:
+        p = np.asarray(stroke) + rng.normal(0, 0.02, (len(stroke), 2))       # (n, 2) jittered points
+        p = (_smooth(p) - 0.5) @ A.T + shift
+        xy = [tuple(v) for v in p * canvas]
+        draw.line(xy, fill=ink, width=width, joint="curve")
+        for x, y in (xy[0], xy[-1]):  # round pen ends
+            draw.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=ink)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def make_glyphs(root, per_class=150, size=16, seed=0):
+    """Write root/0 .. root/9, per_class grayscale PNGs each (light strokes on black, like MNIST): a small
+    labelled data set in a user's layout, for trying the default recipe on data other than shapes."""
+    rng = np.random.default_rng(seed)
+    for digit in GLYPH_STROKES:
+        os.makedirs(os.path.join(root, str(digit)), exist_ok=True)
+        for i in range(per_class):
+            draw_glyph(digit, rng, size).save(os.path.join(root, str(digit), f"{i:05d}.png"))
+    return 10 * per_class
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Write the glyphs data set: python data.py --make-glyphs DIR")
+    p.add_argument("--make-glyphs", metavar="DIR", required=True, help="folder to write DIR/0 .. DIR/9 into")
+    p.add_argument("--per-class", type=int, default=150)
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    if a.per_class < 1 or a.size < 4:
+        p.error("--per-class must be at least 1 and --size at least 4")
+    try:
+        n = make_glyphs(a.make_glyphs, a.per_class, a.size, a.seed)
+    except OSError as e:
+        p.exit(1, f"error: cannot write the glyphs into {a.make_glyphs}: {e.strerror or e}\n")
+    print(f"wrote {n} {a.size}px grayscale digits to {a.make_glyphs}/0 .. {a.make_glyphs}/9")

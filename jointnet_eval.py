@@ -219,7 +219,7 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
         z, rows = sample_conditional(mode, model, sched, cfg, args, g, device)
         rgb, d = z[:, :cfg["in_channels"]], z[:, cfg["in_channels"]:]
     runlib.save_grid(rows, out + ".png")
-    np.savez(out + ".npz", images=runlib.to_uint8(rgb), dense=runlib.to_uint8(d))
+    np.savez(out + ".npz", arr_0=runlib.to_uint8(rgb), dense=runlib.to_uint8(d))  # arr_0: as sample.py's
     print(f"wrote {len(rgb)} {mode} samples to {out}.npz and a grid to {out}.png")
 
 

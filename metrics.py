@@ -36,7 +36,7 @@ Differences from the papers, said plainly:
       ImageNet/CIFAR FIDs; they only rank models evaluated with the same reference net (same data, image
       size and seed) and the same number of images (FD is biased upwards for small N).
     - Folder or .npz datasets: `--features trained` trains the same CNN on the dataset's labels (it needs
-      at least two classes; the last 10% of items are held out for its accuracy and as the real images);
+      at least two classes; every 10th item is held out for its accuracy and as the real images);
       `--features random` uses the CNN at a fixed random initialisation, which needs no labels. Random features still separate distributions (FD = 0 only for matching statistics) but
       weigh low-level statistics more than shape semantics; report which one you used.
     - MT-Diffusion reports LPIPS, which needs VGG weights; perceptual_distance is LPIPS's formula
@@ -63,7 +63,8 @@ from runlib import RunError, check_output_path, ranged
 
 CACHE_ENV = "DIFFUSION_FOUR_PAPERS_CACHE"  # overrides the cache folder (tests point it at a tmp dir)
 DEFAULT_CACHE = os.path.join("~", ".cache", "diffusion-four-papers")
-FEATURE_NET_VERSION = 1  # bump when FeatureNet or its training changes: cached weights are then retrained
+FEATURE_NET_VERSION = 2  # bump when FeatureNet or its training changes: cached weights are then retrained
+# (2: folder and .npz data hold out every 10th item, not the last 10%)
 
 
 # -----------------------------------------------------------------------------
@@ -207,17 +208,6 @@ def as_images(images):
     return x
 
 
-def fit_channels(x, channels, data_name):
-    """Images (N, C, H, W) for a reference net of `channels` inputs: grey samples (1 channel, as sample.py
-    writes them for a 1-channel model) are repeated into every channel; any other mismatch is refused."""
-    if x.shape[1] == channels:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, channels, -1, -1)
-    raise ValueError(f"the samples have {x.shape[1]} channels but the {data_name} images have {channels}; score "
-                     "samples against the data their model was trained on (--data)")
-
-
 def check_labels(labels, num_classes, data_name):
     """Refuse generated-for labels outside the reference data's classes (they would score 0 without a word)."""
     y = torch.as_tensor(labels)
@@ -293,23 +283,27 @@ def data_key(data_name):
     return f"{os.path.basename(path.rstrip(os.sep)) or 'data'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def reference_split(data_name, size, seed=0):
-    """(train_dataset, held_out_dataset, held_out_start): shapes has a test split; other data holds out its
-    last 10% (the feature net trains on the rest)."""
-    train = data.build_dataset(data_name, size, "train", seed)
-    if data_name == "shapes":
-        return train, data.build_dataset(data_name, size, "test", seed), 0
-    return train, train, len(train) - max(1, len(train) // 10)
+def reference_split(data_name, size, seed=0, channels=None):
+    """(train_dataset, held_out_dataset, held_out_start = 0): shapes and CIFAR-10 have a test split; other
+    data holds out every 10th item and the feature net trains on the rest, so that a folder read class by
+    class holds out every class. `channels`: the images as 1 or 3 channels (a gray folder scored against
+    samples of a run trained with --channels 3)."""
+    train = data.build_dataset(data_name, size, "train", seed, channels)
+    if data.has_test_split(data_name):
+        return train, data.build_dataset(data_name, size, "test", seed, channels), 0
+    held = list(range(9, len(train), 10)) or [len(train) - 1]
+    rest = sorted(set(range(len(train))) - set(held))
+    return torch.utils.data.Subset(train, rest), torch.utils.data.Subset(train, held), 0
 
 
 def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", cache=None,
-                     n_train=4096, n_test=1024, steps=400, verbose=True):
+                     n_train=4096, n_test=1024, steps=400, verbose=True, channels=None):
     """The reference net for a dataset and image size: trained once per (data, size, seed) and cached as
     a weights-only checkpoint; `features="random"` is the seeded random initialisation (never cached).
     Returns (net, info) with info["accuracy"] the held-out accuracy (None for random features)."""
     if features not in ("trained", "random"):
         raise ValueError(f"features must be 'trained' or 'random', got {features!r}")
-    train, held, start = reference_split(data_name, size, seed)
+    train, held, start = reference_split(data_name, size, seed, channels)
     info = data.dataset_info(train)
     channels, classes = info["channels"], info["num_classes"]
     if features == "random":
@@ -333,7 +327,7 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
                 print(f"retraining the reference net: {path} is unreadable ({type(e).__name__})")
     check_output_path(path, "--cache")  # before training: the net is kept only if the cache takes it
     t0 = time.time()
-    x, y = stack_items(train, n_train if data_name == "shapes" else min(n_train, start))
+    x, y = stack_items(train, n_train)
     net = fit_feature_net(x, y, classes, seed, steps)
     acc = accuracy(net, *stack_items(held, n_test, start))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -346,9 +340,9 @@ def load_feature_net(data_name="shapes", size=32, seed=0, features="trained", ca
     return net, {"features": "trained", "accuracy": acc, "path": path}
 
 
-def reference_images(data_name, size, n, seed=0):
-    """n real images the reference net did not train on (shapes: the test split), float (n, C, H, W)."""
-    _, held, start = reference_split(data_name, size, seed)
+def reference_images(data_name, size, n, seed=0, channels=None):
+    """n real images the reference net did not train on (shapes, CIFAR-10: the test split), float (n, C, H, W)."""
+    _, held, start = reference_split(data_name, size, seed, channels)
     return stack_items(held, n, start)[0]
 
 
@@ -361,20 +355,17 @@ def evaluate_images(images, data_name="shapes", n_ref=None, k=3, seed=0, feature
     x = as_images(images)
     if len(x) <= k:
         raise ValueError(f"need more than k={k} images for precision/recall, got {len(x)}")
-    size = x.shape[-1]
+    size, channels = x.shape[-1], x.shape[1]
     info = {}
     if net is None:  # check the samples against the data before the reference net is trained
-        ref = data.dataset_info(reference_split(data_name, size, seed)[0])
-        x = fit_channels(x, ref["channels"], data_name)
         if labels is not None and features == "trained":
-            check_labels(labels, ref["num_classes"], data_name)
-        net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose)
-    x = fit_channels(x, net.stages[0][0].in_channels, data_name)
-    real = reference_images(data_name, size, n_ref or len(x), seed)
+            check_labels(labels, data.dataset_info(reference_split(data_name, size, seed)[0])["num_classes"], data_name)
+        net, info = load_feature_net(data_name, size, seed, features, cache, verbose=verbose, channels=channels)
+    real = reference_images(data_name, size, n_ref or len(x), seed, channels)
     if len(real) <= k:
         raise ValueError(f"{data_name} holds out {len(real)} image{'s' * (len(real) != 1)} to compare with, fewer "
                          f"than the k + 1 = {k + 1} precision and recall need: use more data (a folder or .npz holds "
-                         "out its last 10%) or a smaller --k")
+                         "out every 10th item) or a smaller --k")
     if ref_feats is None:
         ref_feats = extract_features(net, real)
     fake = extract_features(net, x)
@@ -544,27 +535,40 @@ def check_sample_images(images, path):
     """One sentence for sample arrays metrics cannot score: not 4-D, not uint8 or float, non-finite, or float
     values outside [-1, 1] (a [0, 255] float array would be scored as wildly saturated images)."""
     if images.ndim != 4 or not len(images):
-        raise ValueError(f"'images' in {path} must be a non-empty 4-D array, uint8 (N, H, W, C) as sample.py writes "
+        raise ValueError(f"the samples in {path} must be a non-empty 4-D array, uint8 (N, H, W, C) as sample.py writes "
                          f"it; got shape {images.shape}")
     if images.dtype == np.uint8:
         return
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"'images' in {path} are {images.dtype}; metrics.py scores uint8 (N, H, W, C) in [0, 255] "
+        raise ValueError(f"the samples in {path} are {images.dtype}; metrics.py scores uint8 (N, H, W, C) in [0, 255] "
                          "as sample.py writes them, or float (N, C, H, W) in [-1, 1]")
     bad = int((~np.isfinite(images)).sum())
     if bad:
-        raise ValueError(f"'images' in {path} hold {bad} NaN or inf values; sample again from a checkpoint "
+        raise ValueError(f"the samples in {path} hold {bad} NaN or inf values; sample again from a checkpoint "
                          "with finite weights")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.01 or hi > 1.01:
-        raise ValueError(f"float 'images' in {path} lie in [{lo:.3g}, {hi:.3g}], not in [-1, 1]; scale them to "
+        raise ValueError(f"the float samples in {path} lie in [{lo:.3g}, {hi:.3g}], not in [-1, 1]; scale them to "
                          "[-1, 1], or save uint8 in [0, 255] as sample.py does")
+
+
+def read_samples(f, path):
+    """(images, labels or None) of an opened samples .npz: sample.py's `arr_0` (uint8 (N, H, W, C), the
+    ADM evaluation suite's key) and `labels`, or the older layout's `images`; `arr_1` is read as labels
+    when there is no `labels` (guided-diffusion's class-conditional sample files)."""
+    key = "arr_0" if "arr_0" in f else "images" if "images" in f else None
+    if key is None:
+        raise ValueError(f"{path} has no 'arr_0' (or 'images') array; use an .npz written by sample.py")
+    labels = f["labels"] if "labels" in f else f["arr_1"] if "arr_1" in f and f["arr_1"].ndim == 1 else None
+    return f[key], labels
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, help=".npz written by sample.py (`images`: uint8 (N, H, W, C))")
-    p.add_argument("--data", default="shapes", help="'shapes', a folder of images, or an .npz: the real distribution")
+    p.add_argument("--samples", required=True, help=".npz written by sample.py (`arr_0`, or `images` in older "
+                   "files: uint8 (N, H, W, C))")
+    p.add_argument("--data", default="shapes", help="'shapes', a folder of images, the CIFAR-10 binary folder or an "
+                   ".npz: the real distribution")
     p.add_argument("--n-ref", type=ranged(int, 2), help="held-out real images to compare with (default: as many as samples)")
     p.add_argument("--k", type=ranged(int, 1), default=3, help="k of the k-NN manifolds for precision/recall")
     p.add_argument("--features", choices=["trained", "random"], default="trained",
@@ -576,10 +580,8 @@ def main(argv=None):
         if not os.path.isfile(args.samples):
             raise ValueError(f"no samples at {args.samples}: write them with python sample.py --ckpt RUN --n 1000")
         with load_npz(args.samples) as f:
-            if "images" not in f:
-                raise ValueError(f"{args.samples} has no 'images' array; use an .npz written by sample.py")
-            images = f["images"]
-            labels = f["labels"] if "labels" in f and args.features == "trained" else None
+            images, labels = read_samples(f, args.samples)
+            labels = labels if args.features == "trained" else None
             if labels is not None and (labels < 0).any():  # sample.py writes -1 for unconditional samples
                 labels = None
         check_sample_images(images, args.samples)

@@ -50,7 +50,7 @@ def train_classifier(cfg, device, noised=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = Schedule.make(cfg["schedule"], cfg["T"]).to(device)
-    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"])
+    ds = data.build_dataset(cfg["data"], cfg["image_size"], "train", cfg["seed"], cfg["in_channels"])
     batches = runlib.ResumableBatches(len(ds), cfg["batch_size"], cfg["seed"])
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches))
     for step in range(cfg["steps"]):

@@ -258,8 +258,9 @@ def build_backbone(cfg, in_channels=None, out_channels=None):
 
 
 def held_out_items(cfg, n, device=None, source=None):
-    """The first n items of the held-out split of the run's data (or of `source`), stacked into a batch."""
-    ds = data.build_dataset(source or cfg["data"], cfg["image_size"], "test", cfg["seed"])
+    """The first n items of the held-out split of the run's data (or of `source`), stacked into a batch, with
+    the images in the channels the run was trained on (a gray folder trained as RGB gives RGB items)."""
+    ds = data.build_dataset(source or cfg["data"], cfg["image_size"], "test", cfg["seed"], cfg["in_channels"])
     return data.first_items(ds, n, device)
 
 

@@ -6,8 +6,14 @@ The one sampling CLI: load a checkpoint written by train.py and draw samples.
     python sample.py --ckpt RUN/checkpoint.pt --cfg-scale 3 --class 2       # classifier-free guidance
     torchrun --nproc_per_node=4 sample.py --ckpt RUN/checkpoint.pt --num-samples 50000  # one .npz
 
-Writes OUT.png (a grid) and OUT.npz (`images`: uint8 (N, H, W, C) and `labels`, -1 for an unconditional
-model; `python metrics.py --samples OUT.npz` scores them). Methods with their own sampling tasks
+    python sample.py --ckpt RUN/checkpoint.pt --n 10000 --png-dir RUN/pngs  # also one PNG per sample
+
+Writes OUT.png (a grid) and OUT.npz, the layout of the ADM evaluation suite and DiT's sampling script:
+`arr_0`, uint8 (N, H, W, C) with C = 3, or 1 for a model trained on grayscale data, and `labels` (N,),
+the class each sample was generated for, -1 for an unconditional model (a named key: the ADM evaluator
+reads arr_0 only). `python metrics.py --samples OUT.npz` scores them; it also reads the older layout
+(`images`). `--png-dir DIR` also writes DIR/000000.png, 000001.png, ... (gray PNGs for C = 1) for the
+folder-based FID tools (clean-fid, pytorch-fid). Methods with their own sampling tasks
 (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices, implemented in their
 evaluation files (mtdiffusion_eval.py, jointnet_eval.py) and found through the registry in methods.py.
 """
@@ -17,6 +23,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import diffusion
 import methods
@@ -71,6 +78,21 @@ def output_stem(out, ckpt, mode):
     return out
 
 
+def check_png_dir(folder):
+    """--png-dir must be new or empty: the FID tools read every image in it, so older files would be
+    scored as samples."""
+    if folder and os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"--png-dir {folder} already exists and is not an empty folder, and the FID tools would "
+                         "score every image in it; choose a new or empty folder")
+
+
+def write_pngs(images, folder):
+    """uint8 (N, H, W, C) -> folder/000000.png, 000001.png, ...: RGB for C = 3, gray (mode L) for C = 1."""
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(folder, f"{i:06d}.png"))
+
+
 def get_parser():
     p = methods.checked_parser(__doc__)
     a = p.add_argument
@@ -90,6 +112,8 @@ def get_parser():
     a("--precision", choices=["fp32", "bf16"], help="bf16: the network's forward under bf16 autocast (any checkpoint; "
       "weights stay float32); default bf16 on a GPU, fp32 on a CPU")
     a("--progress", action="store_true", help="show a progress bar per batch")
+    a("--png-dir", help="also write one PNG per sample (000000.png, ...) into this new or empty folder, the input "
+      "of clean-fid and pytorch-fid")
     methods.add_sample_args(p)
     a("--mode", choices=["generate", *methods.sample_modes()], default="generate",
       help="what to sample; methods add their own modes")
@@ -125,7 +149,11 @@ def main(argv=None):
         out = output_stem(args.out, path, args.mode)
         runlib.check_output_path(out)  # before sampling: a failed write would throw the samples away
         if args.mode != "generate":
+            if args.png_dir:
+                raise ValueError(f"--png-dir writes the samples of plain generation, but --mode {args.mode} writes "
+                                 "its own files; drop --png-dir")
             return methods.sample_modes()[args.mode].run_sample_mode(args.mode, model, sched, cfg, args, out, device)
+        check_png_dir(args.png_dir)
         # Each rank draws its share with its own seed; rank 0 gathers and writes one file.
         share = [args.n // world + (r < args.n % world) for r in range(world)]
         g = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
@@ -141,10 +169,13 @@ def main(argv=None):
         images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     else:
         images, labels = to_uint8(x), y.numpy()
-    np.savez(out + ".npz", images=images, labels=labels)
+    np.savez(out + ".npz", arr_0=images, labels=labels)
     grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid([grid], out + ".png")
-    print(f"wrote {len(images)} samples to {out}.npz and a grid to {out}.png")
+    print(f"wrote {len(images)} sample{'s' * (len(images) != 1)} to {out}.npz (arr_0, labels) and a grid to {out}.png")
+    if args.png_dir:
+        write_pngs(images, args.png_dir)
+        print(f"wrote {len(images)} PNGs to {args.png_dir} (000000.png ...)")
 
 
 if __name__ == "__main__":

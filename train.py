@@ -151,6 +151,7 @@ def train(cfg, dataset, resume=None):
         print(f"{'GPU' if ON_GPU else 'CPU'} run, {world} process(es): {cfg['method']} on {cfg['arch']} {cfg['model']} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {cfg['image_size']}px "
               f"{cfg['data']}, batch {B}, {cfg['steps']} steps -> {out}")
+        print(config.channel_line(cfg, dataset))
         print(json.dumps({k: v for k, v in cfg.items() if v is not None}))
 
     # The step of the checkpoint in OUT (a resume from another run's checkpoint into a new OUT has none yet).

@@ -25,7 +25,7 @@ def save(path, im, **kw):
 
 
 def single(path, size=8):
-    """The one image of a folder holding only `path`'s image, as (3, size, size)."""
+    """The one image of a folder holding only `path`'s image, as (C, size, size): C = 1 if it is grayscale."""
     return data.ImageFolder(os.path.dirname(path), size)[0]["image"]
 
 
@@ -51,8 +51,8 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     path = save(str(tmp_path / "g16/a.png"), Image.fromarray(a))
     assert Image.open(path).mode == "I;16"
     im = single(path, size=16)
+    assert im.shape == (1, 16, 16)  # a grayscale folder has one channel
     np.testing.assert_allclose(im[0].numpy(), a / 65535 * 2 - 1, atol=1e-4)  # exact at the same size
-    assert torch.equal(im[0], im[1]) and torch.equal(im[0], im[2])
     dark = single(save(str(tmp_path / "dark/a.png"), Image.fromarray(np.full((10, 10), 1000, np.uint16))))
     np.testing.assert_allclose(dark.numpy(), 1000 / 65535 * 2 - 1, atol=1e-4)  # near black, not white
 
@@ -187,3 +187,117 @@ def test_first_items_stacks_the_first_n_items():
     assert set(b) == set(ds[0]) and b["image"].shape == (3, 3, 16, 16)
     assert all(torch.equal(b[k][2], ds[2][k]) for k in b)
     assert len(data.first_items(ds, 10)["label"]) == 5  # a shorter dataset gives what it has
+
+
+# -----------------------------------------------------------------------------
+# Channels follow the data
+
+def gray_folder(root, n=3, mode="L"):
+    """root/a and root/b, n grayscale images each (mode L, or RGB with R = G = B)."""
+    for c in "ab":
+        for i in range(n):
+            v = 40 * i + (c == "b") * 100
+            save(str(root / c / f"{i}.png"), Image.new(mode, (12, 12), v if mode == "L" else (v, v, v)))
+    return str(root)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_grayscale_folder_has_one_channel(tmp_path, mode):
+    ds = data.build_dataset(gray_folder(tmp_path, mode=mode), 8)
+    assert ds.channels == 1 and ds[0]["image"].shape == (1, 8, 8) and data.dataset_info(ds)["channels"] == 1
+    assert "grayscale" in ds.channel_reason and ds.num_classes == 2
+    save(str(tmp_path / "b" / "red.png"), Image.new("RGB", (12, 12), (200, 10, 10)))  # one colour image
+    ds = data.build_dataset(str(tmp_path), 8)
+    assert ds.channels == 3 and "1 of 7 images" in ds.channel_reason
+    assert ds[0]["image"].shape == (3, 8, 8) and torch.equal(ds[0]["image"][0], ds[0]["image"][2])
+
+
+def test_channels_override_converts_both_ways(tmp_path):
+    gray = data.build_dataset(gray_folder(tmp_path / "g"), 8)
+    rgb = data.build_dataset(gray_folder(tmp_path / "g"), 8, channels=3)
+    assert isinstance(rgb, data.ChannelView) and rgb.num_classes == 2 and len(rgb) == len(gray)
+    assert rgb[4]["image"].shape == (3, 8, 8) and torch.equal(rgb[4]["image"], gray[4]["image"].expand(3, -1, -1))
+    assert rgb[4]["label"] == gray[4]["label"] and "repeated" in rgb.channel_reason
+    shapes_gray = data.build_dataset("shapes", 16, "test", channels=1)
+    item, rgb_item = shapes_gray[0], shapes.Shapes(16, "test")[0]
+    assert item["image"].shape == (1, 16, 16) and torch.allclose(item["image"][0], rgb_item["image"].mean(0))
+    assert torch.equal(item["depth"], rgb_item["depth"]) and shapes_gray.has_depth
+    assert data.build_dataset("shapes", 16, "test", channels=3).__class__ is shapes.Shapes  # nothing to convert
+    np.savez(tmp_path / "lat.npz", image=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="4-channel images, which cannot be turned into 3"):
+        data.build_dataset(str(tmp_path / "lat.npz"), 8, channels=3)
+
+
+def test_npz_with_one_channel(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "g.npz", image=img, label=np.arange(4) % 2)
+    ds = data.build_dataset(str(tmp_path / "g.npz"), 8)
+    assert ds.channels == 1 and "1 channel" in ds.channel_reason
+    np.testing.assert_allclose(ds[1]["image"].numpy(), img[1].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 as distributed
+
+def write_cifar(root, n=4, names=None):
+    """The six files of cifar-10-batches-bin with n records each: label (i + file) % 10, then the R, G and
+    B planes; pixel (y, x) of plane c is (c * 80 + y * 2 + x + i) % 256. Returns the folder."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = names or data.CIFAR10_FILES["train"] + data.CIFAR10_FILES["test"]
+    yx = np.add.outer(np.arange(32) * 2, np.arange(32))
+    for f, name in enumerate(names):
+        recs = [np.concatenate([[(i + f) % 10], *[((c * 80 + yx + i) % 256).ravel() for c in range(3)]])
+                for i in range(n)]
+        (folder / name).write_bytes(np.array(recs, np.uint8).tobytes())
+    return folder
+
+
+def test_cifar10_records_and_splits(tmp_path):
+    folder = write_cifar(tmp_path)
+    for path in (str(folder), str(tmp_path)):  # the folder itself, or the one it was extracted into
+        train = data.build_dataset(path, 32, "train")
+        assert isinstance(train, data.Cifar10) and len(train) == 5 * 4 and train.num_classes == 10
+    item = train[5]  # file 2 (data_batch_2.bin), record 1
+    assert item["label"].item() == (1 + 1) % 10 and item["image"].shape == (3, 32, 32)
+    expected = (np.arange(3)[:, None, None] * 80 + np.add.outer(np.arange(32) * 2, np.arange(32)) + 1) % 256
+    np.testing.assert_allclose(item["image"].numpy(), expected / 127.5 - 1, atol=1e-6)  # R, G, B planes, row-major
+    test = data.build_dataset(str(folder), 16, "test")
+    assert len(test) == 4 and test[0]["label"].item() == 5 and test[0]["image"].shape == (3, 16, 16)
+    assert data.has_test_split(str(folder)) and not data.has_test_split(str(tmp_path / "elsewhere"))
+    assert data.dataset_info(test)["channels"] == 3 and data.build_dataset(str(folder), 16, channels=1).channels == 1
+
+
+def test_cifar10_truncated_or_incomplete_is_one_sentence(tmp_path):
+    folder = write_cifar(tmp_path)
+    whole = (folder / "data_batch_3.bin").read_bytes()
+    (folder / "data_batch_3.bin").write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=r"data_batch_3.bin' is truncated.*not a whole number of 3073-byte"):
+        data.build_dataset(str(folder), 32)
+    (folder / "data_batch_3.bin").write_bytes(whole[:2 * data.CIFAR10_RECORD])  # cut at a record boundary
+    with pytest.raises(ValueError, match="holds 2 records but .* holds 4 .* so it is truncated"):
+        data.build_dataset(str(folder), 32, "test")
+    (folder / "data_batch_3.bin").unlink()
+    with pytest.raises(ValueError, match="lacks data_batch_3.bin"):
+        data.build_dataset(str(folder), 32)
+    bad = write_cifar(tmp_path / "c100")
+    (bad / "test_batch.bin").write_bytes(bytes([37]) + bytes(3072))
+    for name in data.CIFAR10_FILES["train"]:
+        (bad / name).write_bytes(bytes([1]) + bytes(3072))
+    with pytest.raises(ValueError, match="label byte 37.*CIFAR-100"):
+        data.build_dataset(str(bad), 32, "test")
+
+
+# -----------------------------------------------------------------------------
+# The glyphs data set
+
+def test_make_glyphs_writes_a_grayscale_class_tree(tmp_path):
+    assert data.make_glyphs(str(tmp_path), per_class=2) == 20
+    assert sorted(os.listdir(tmp_path)) == [str(d) for d in range(10)]
+    ds = data.build_dataset(str(tmp_path), 16)
+    assert len(ds) == 20 and ds.num_classes == 10 and ds.channels == 1
+    x = torch.stack([ds[i]["image"] for i in range(20)])                      # (20, 1, 16, 16)
+    assert x.min() == -1 and x.max() > 0.3  # light strokes on black
+    again = tmp_path / "again"
+    data.make_glyphs(str(again), per_class=2)
+    assert (again / "7" / "00001.png").read_bytes() == (tmp_path / "7" / "00001.png").read_bytes()  # seeded

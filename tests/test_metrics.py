@@ -255,7 +255,7 @@ def test_cli_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="no samples at"):
         metrics.main(["--samples", str(tmp_path / "missing.npz")])
     np.savez(tmp_path / "x.npz", other=np.zeros(3))
-    with pytest.raises(SystemExit, match="no 'images' array"):
+    with pytest.raises(SystemExit, match="no 'arr_0' \\(or 'images'\\) array"):
         metrics.main(["--samples", str(tmp_path / "x.npz")])
 
 
@@ -307,3 +307,44 @@ def test_cli_prints_colour_statistics(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "class" not in r and "channel deviation" in out
     assert r["colour"]["mean"] == pytest.approx(metrics.channel_stats(u8)["mean"])
+
+
+def test_cli_reads_the_new_and_the_old_samples_layout(tmp_path):
+    # sample.py's arr_0 + labels, the older images + labels, and guided-diffusion's arr_0 + arr_1 score alike.
+    _, held, start = metrics.reference_split("shapes", 16)
+    x, y = metrics.stack_items(held, 24, start)
+    u8 = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    layouts = {"new": dict(arr_0=u8, labels=y.numpy()), "old": dict(images=u8, labels=y.numpy()),
+               "adm": dict(arr_0=u8, arr_1=y.numpy())}
+    fds = []
+    for name, arrays in layouts.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with np.load(tmp_path / f"{name}.npz") as f:
+            images, labels = metrics.read_samples(f, name)
+        assert np.array_equal(images, u8) and np.array_equal(labels, y.numpy())
+        fds.append(metrics.main(["--samples", str(tmp_path / f"{name}.npz"), "--features", "random",
+                                 "--cache", str(tmp_path)])["fd"])
+    assert fds[0] == fds[1] == fds[2]
+
+
+def test_cifar10_is_scored_against_its_test_batch(tmp_path, capsys):
+    from test_data import write_cifar
+    folder = write_cifar(tmp_path, n=8)
+    train_split, held, start = metrics.reference_split(str(folder), 16)
+    assert (len(train_split), len(held), start) == (40, 8, 0) and held.records.tobytes() == (
+        folder / "test_batch.bin").read_bytes()
+    net, info = metrics.load_feature_net(str(folder), 16, n_train=40, n_test=8, steps=2, cache=str(tmp_path))
+    assert info["features"] == "trained" and net.head.out_features == 10
+    u8 = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=u8, labels=np.arange(10))
+    r = metrics.main(["--samples", str(tmp_path / "s.npz"), "--data", str(folder), "--features", "random",
+                      "--cache", str(tmp_path)])
+    assert r["n"] == 10 and r["n_ref"] == 8  # all 8 records of test_batch.bin
+
+
+def test_a_folder_read_class_by_class_holds_out_every_class(tmp_path):
+    data.make_glyphs(str(tmp_path / "g"), per_class=10)  # files sorted by class: 0/..., 1/..., ..., 9/...
+    train, held, start = metrics.reference_split(str(tmp_path / "g"), 16)
+    labels = lambda ds: {ds[i]["label"].item() for i in range(len(ds))}
+    assert (len(train), len(held), start) == (90, 10, 0) and labels(held) == labels(train) == set(range(10))
+    assert not set(train.indices) & set(held.indices)

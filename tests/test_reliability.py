@@ -227,5 +227,5 @@ def test_sample_splits_n_across_ranks_into_one_file(tmp_path):
     run(tmp_path / "r", "--steps", "2")
     torchrun("sample.py", "--ckpt", str(tmp_path / "r"), "--num-samples", "5", "--steps", "2", "--out", str(tmp_path / "s"))
     arr = np.load(tmp_path / "s.npz")
-    assert arr["images"].shape == (5, 16, 16, 3)
+    assert arr["arr_0"].shape == (5, 16, 16, 3)
     assert sorted(arr["labels"].tolist()) == [0, 0, 1, 2, 3]  # classes cycle over the global index

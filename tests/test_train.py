@@ -53,11 +53,26 @@ def test_resume_continues_and_sample_reads_the_checkpoint(trained, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 25
     sample.main(["--ckpt", str(out), "--n", "5", "--batch", "3", "--steps", "3", "--out", str(tmp_path / "s")])
     arr = np.load(tmp_path / "s.npz")
-    assert arr["images"].shape == (5, 16, 16, 3) and arr["images"].dtype == np.uint8
+    assert arr["arr_0"].shape == (5, 16, 16, 3) and arr["arr_0"].dtype == np.uint8
     assert list(arr["labels"]) == [0, 1, 2, 3, 0][: 5] or len(set(arr["labels"])) > 1
     assert Image.open(tmp_path / "s.png").size[0] > 16
     sample.main(["--ckpt", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.npz").is_file()  # not grid.png.png
+
+
+def test_sample_npz_is_the_adm_layout_and_png_dir_holds_one_png_per_sample(trained, tmp_path):
+    sample.main(["--ckpt", str(trained), "--n", "5", "--steps", "2", "--out", str(tmp_path / "s"),
+                 "--png-dir", str(tmp_path / "pngs")])
+    f = np.load(tmp_path / "s.npz")
+    assert sorted(f.files) == ["arr_0", "labels"]  # no second copy of the images for an evaluator to trip on
+    assert f["arr_0"].shape == (5, 16, 16, 3) and f["arr_0"].dtype == np.uint8 and list(f["labels"]) == [0, 1, 2, 3, 0]
+    assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
+    png = Image.open(tmp_path / "pngs" / "000003.png")
+    assert png.mode == "RGB" and np.array_equal(np.asarray(png), f["arr_0"][3])
+    again = ["--ckpt", str(trained), "--n", "2", "--steps", "2", "--out", str(tmp_path / "t"), "--png-dir"]
+    assert "not an empty folder" in error_of(sample.main, again + [str(tmp_path / "pngs")])
+    assert "not an empty folder" in error_of(sample.main, again + [str(tmp_path / "s.npz")])
+    assert not (tmp_path / "t.npz").exists()
 
 
 def test_loss_falls_on_a_fixed_batch():
