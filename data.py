@@ -138,6 +138,12 @@ class ImageFolder(torch.utils.data.Dataset):
                             if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
         top = [os.path.relpath(f, root).split(os.sep)[0] for f in files]
         labeled = bool(subfolders) and set(top) == set(subfolders)  # no loose files, no empty class
+        if subfolders and not labeled:  # the folder looks labelled but is not: say why classes are off
+            empty = [d for d in subfolders if d not in top]
+            why = (f"class subfolder(s) {', '.join(empty[:5])} hold no images" if empty else
+                   f"{sum(t not in subfolders for t in top)} image(s) lie outside the class subfolders")
+            warnings.warn(f"{root!r} is read without labels (class conditioning off): {why}; remove them to train "
+                          "with one class per subfolder", stacklevel=2)
         self.classes = subfolders if labeled else []
         self.num_classes = len(self.classes)
         labels = [self.classes.index(d) if labeled else 0 for d in top]
@@ -185,6 +191,9 @@ def square_resize(x, size, mode):
     return F.interpolate(x[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
+MAX_CLASSES = 100_000  # more class ids than any labelled image set has (ImageNet-21k: 21,841)
+
+
 class NpzDataset(torch.utils.data.Dataset):
     """Arrays in an .npz file, one item per entry along the first axis.
 
@@ -203,8 +212,9 @@ class NpzDataset(torch.utils.data.Dataset):
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
-        except Exception as e:
-            raise ValueError(f"could not read {path!r} as an .npz of numeric arrays ({e})") from None
+        except Exception:  # numpy's own message may suggest allow_pickle, which a file of unknown origin must never get
+            raise ValueError(f"{path!r} is not an .npz archive of numeric arrays (it is empty, truncated, another "
+                             "format, or holds Python objects); write one with numpy.savez(path, image=...)") from None
         if "image" not in arrays:
             raise ValueError(f"{path!r} has no 'image' array (it has {sorted(arrays)}); "
                              f"store images under the key 'image'")
@@ -225,6 +235,15 @@ class NpzDataset(torch.utils.data.Dataset):
                 raise ValueError(f"array {k!r} in {path!r} has dtype {a.dtype}; only numeric arrays can be batched")
         if "label" in arrays and arrays["label"].min() < 0:
             raise ValueError(f"'label' in {path!r} must be class ids 0, 1, 2, ..., got a negative value")
+        if "label" in arrays and arrays["label"].max() >= MAX_CLASSES:  # the label embedding has max + 1 rows
+            raise ValueError(f"'label' in {path!r} holds class id {int(arrays['label'].max())}; class ids must be "
+                             f"0 .. K-1 with K at most {MAX_CLASSES:,} (renumber the classes)")
+        for k in ("image", "depth"):  # a non-finite pixel would make every batch holding it skip its step
+            if k in arrays and np.issubdtype(arrays[k].dtype, np.floating):
+                bad = np.flatnonzero(~np.isfinite(arrays[k]).reshape(n, -1).all(1))
+                if len(bad):
+                    raise ValueError(f"{k!r} in {path!r} holds NaN or inf in item {bad[0]}" + (
+                        f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "; repair or drop those items")
         self.arrays, self.length = arrays, n
         self.channels = arrays["image"].shape[1]
         self.channel_reason = f"'image' in {path!r} has {self.channels} channel(s)"

@@ -111,7 +111,8 @@ def test_subfolders_are_classes(tmp_path):
     assert data.dataset_info(ds) == {"channels": 3, "num_classes": 2, "has_depth": False, "has_seg": False,
                                      "size": 8}
     save(str(tmp_path / "loose.png"), Image.new("RGB", (8, 8)))  # a loose file: no classes any more
-    ds = data.ImageFolder(str(tmp_path), 8)
+    with pytest.warns(UserWarning, match="1 image\\(s\\) lie outside the class subfolders"):
+        ds = data.ImageFolder(str(tmp_path), 8)
     assert ds.num_classes == 0 and {ds[i]["label"].item() for i in range(len(ds))} == {0}
 
 
@@ -301,3 +302,40 @@ def test_make_glyphs_writes_a_grayscale_class_tree(tmp_path):
     again = tmp_path / "again"
     data.make_glyphs(str(again), per_class=2)
     assert (again / "7" / "00001.png").read_bytes() == (tmp_path / "7" / "00001.png").read_bytes()  # seeded
+
+
+def test_npz_non_finite_items_huge_labels_and_foreign_files_are_one_sentence(tmp_path):
+    image = np.zeros((6, 3, 8, 8), np.float32)
+    image[4, 1, 2, 3] = np.nan                                          # one bad pixel in item 4
+    np.savez(tmp_path / "nan.npz", image=image)
+    with pytest.raises(ValueError, match=r"'image' .* holds NaN or inf in item 4; repair or drop"):
+        data.NpzDataset(str(tmp_path / "nan.npz"))
+    depth = np.zeros((6, 8, 8), np.float32)
+    depth[[1, 5]] = np.inf
+    np.savez(tmp_path / "inf.npz", image=np.zeros((6, 3, 8, 8), np.float32), depth=depth)
+    with pytest.raises(ValueError, match=r"'depth' .* item 1 and 1 more"):
+        data.NpzDataset(str(tmp_path / "inf.npz"))
+    np.savez(tmp_path / "big.npz", image=np.zeros((2, 8, 8, 3), np.uint8), label=np.array([0, 2 ** 40]))
+    with pytest.raises(ValueError, match="class id 1099511627776; class ids must be 0 .. K-1"):
+        data.NpzDataset(str(tmp_path / "big.npz"))               # (its label table would need 2**40 rows)
+    for name, content in (("random.npz", np.random.default_rng(0).bytes(300)), ("text.npz", b"image,label\n1,2\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            data.NpzDataset(str(tmp_path / name))
+        assert "is not an .npz archive" in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+def test_a_folder_that_looks_labelled_but_is_not_says_why(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    (tmp_path / "empty").mkdir()
+    for i, cls in enumerate(("a", "b", "a", "b")):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"without labels \(class conditioning off\): class subfolder\(s\) empty "
+                                         r"hold no images"):
+        ds = data.ImageFolder(str(tmp_path), 8)
+    assert ds.num_classes == 0
+    (tmp_path / "empty").rmdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.ImageFolder(str(tmp_path), 8).num_classes == 2   # a clean class tree: no warning
