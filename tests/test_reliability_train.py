@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-import bench
+import bench_common
 import methods
 import runlib
 import sample
@@ -293,8 +293,8 @@ def test_a_stopped_run_exits_with_the_stopped_status_and_bench_continues_it(tmp_
             with pytest.raises(SystemExit) as e:
                 run(tmp_path / "r", "--steps", 5)
             assert e.value.code == train.EXIT_STOPPED == 75 and step_of(tmp_path / "r") == 1
-            bench.call_train([*TINY, "--steps", "5", "--out", str(tmp_path / "b")], str(tmp_path / "b.log"))
-            assert bench.saved_step(str(tmp_path / "b")) == 1                 # bench sees the stop by the step
+            bench_common.call_train([*TINY, "--steps", "5", "--out", str(tmp_path / "b")], str(tmp_path / "b.log"))
+            assert bench_common.saved_step(str(tmp_path / "b")) == 1                 # bench sees the stop by the step
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
