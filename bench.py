@@ -3,6 +3,7 @@ The evidence: does each paper's claim hold at small scale, and what does each me
 
     python bench.py --recipe     # which shared settings make the plain ddpm baseline learn fastest on a CPU
     python bench.py --default-run    # `python train.py` itself, 3 seeds: its time, its scores with eta 0 and 1
+    python bench.py --glyphs         # the same on a small grayscale data set of drawn digits (16 px, one seed)
     python bench.py --cpu        # the evidence profile: every row x 5 seeds, paired verdicts; resumable
     python bench.py --cpu --report   # its tables re-rendered from results/bench_cpu.json; trains nothing
     python bench.py --quick      # a smoke of every row (16px, 400 steps, one seed): checks, not evidence
@@ -101,6 +102,8 @@ def main(argv=None):
                    "(--json) without training or storing anything")
     p.add_argument("--default-run", action="store_true", help="train `python train.py` (its defaults) with 3 seeds, "
                    "time it and score its samples with eta 0 and eta 1 (results/default_cpu.json and .md; resumable)")
+    p.add_argument("--glyphs", action="store_true", help="the same on a small grayscale data set of drawn digits, "
+                   "written into the runs folder (results/glyphs_cpu.json and .md; resumable)")
     p.add_argument("--gpu-check", action="store_true", help="every method for a few steps on CUDA with bf16 and "
                    "--compile, resumed and sampled (about 5 minutes on one GPU); without CUDA it says so and exits 0")
     args = p.parse_args(argv)
@@ -125,17 +128,20 @@ def main(argv=None):
     elif args.parallel < 1:
         sys.exit(f"error: --parallel must be at least 1, got {args.parallel}")
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    default_json = "results/default_cpu.json" if args.default_run else {
+    default_json = "results/default_cpu.json" if args.default_run else "results/glyphs_cpu.json" if args.glyphs else {
         "cpu": "results/bench_cpu.json", "recipe": "results/recipe_cpu.json"}.get(name, "bench.json")
     args.json = args.json or default_json
     args.md = args.md or os.path.splitext(args.json)[0] + ".md"
-    args.runs = args.runs or os.path.join("runs", "bench-default" if args.default_run else f"bench-{name}")
+    args.runs = args.runs or os.path.join("runs", "bench-default" if args.default_run else "bench-glyphs" if args.glyphs
+                                          else f"bench-{name}")
     command = command.strip()
     try:
         if args.gpu_check:
             return timing.gpu_check()
         if args.default_run:
             return recipe.default_run(args, command)
+        if args.glyphs:
+            return recipe.default_run(args, command, recipe.GLYPHS_RUN)
         if name == "cpu" and args.report:
             return evidence.render_evidence(prof, name, args, command)
         if name == "cpu":

@@ -176,20 +176,21 @@ class Scorer:
     colour statistics (metrics.py). `floor` scores n_eval further held-out real images with their true
     labels: FD's noise floor and the class accuracy's ceiling at this N."""
 
-    def __init__(self, prof, cache=None):
-        S = prof["image_size"]
-        self.net, self.info = metrics.load_feature_net("shapes", S, 0, "trained", cache, **prof["featnet"])
+    def __init__(self, prof, cache=None, floor=True):
+        S, name = prof["image_size"], prof.get("data", "shapes")
+        self.net, self.info = metrics.load_feature_net(name, S, 0, "trained", cache, **prof["featnet"])
         self.net = self.net.to(DEVICE)
-        self.ref = metrics.extract_features(self.net, metrics.reference_images("shapes", S, prof["n_ref"]), device=DEVICE)
-        _, held, _ = metrics.reference_split("shapes", S)
-        self.floor = self(*metrics.stack_items(held, prof["n_eval"], prof["n_ref"]))
+        self.ref = metrics.extract_features(self.net, metrics.reference_images(name, S, prof["n_ref"]), device=DEVICE)
+        _, held, _ = metrics.reference_split(name, S)
+        self.floor = self(*metrics.stack_items(held, prof["n_eval"], prof["n_ref"])) if floor else None
 
     def __call__(self, images, labels=None):
         feats = metrics.extract_features(self.net, images, device=DEVICE)
         p, r = metrics.precision_recall(self.ref[:len(feats)], feats)
         colour = metrics.channel_stats(images)
         out = {"fd": metrics.frechet_distance_features(self.ref, feats), "precision": p, "recall": r,
-               "channel_dev": colour["channel_dev"], "std": statistics.fmean(colour["std"])}
+               "channel_dev": colour["channel_dev"], "mean": statistics.fmean(colour["mean"]),
+               "std": statistics.fmean(colour["std"])}
         if labels is not None:
             out["class_acc"] = metrics.generated_class_accuracy(self.net.cpu(), images, labels)["accuracy"]
             self.net.to(DEVICE)

@@ -3,6 +3,7 @@ The recipe study: which shared settings make the plain ddpm baseline learn faste
 
     python bench.py --recipe       # results/recipe_cpu.json and .md; resumable
     python bench.py --default-run  # what `python train.py` gives, 3 seeds, eta 0 against eta 1 (results/default_cpu.*)
+    python bench.py --glyphs       # the same on a small grayscale data set of drawn digits (results/glyphs_cpu.*)
 
 Each variant changes one setting of the base recipe (the recipe profile in bench_common.PROFILES); the
 evidence profile (--cpu) trains every row with the recipe this study chose. May import bench_common.py
@@ -19,8 +20,10 @@ import torch
 import bench_common as common
 import bench_evidence as evidence
 import config
+import data
 import diffusion
 import methods
+import metrics
 
 
 # Each variant changes one setting of the base recipe; the EMA model is scored at each
@@ -129,18 +132,34 @@ def recipe_markdown(prof, store, cost, command, wall_s, scorers):
 
 
 # -----------------------------------------------------------------------------
-# The default run (--default-run): what `python train.py` with no flags gives, over seeds, and which DDIM
-# eta samples it best. Each seed is one unit: train.py's own defaults (only --seed and --out given), the
-# wall time of the training, then n_eval samples of the EMA weights with each eta, scored by the reference
-# CNN at the run's 32 px (FD, precision, recall, generated-class accuracy, colour statistics).
+# The default run (--default-run, --glyphs): what `python train.py` with no flags but the data gives, over
+# seeds, and which DDIM eta samples it best. Each seed is one unit: train.py's own defaults (only --seed,
+# --out and the spec's flags given), the wall time of the training, then n_eval samples of the EMA weights
+# with each eta, scored by the reference CNN of the data (FD, precision, recall, generated-class accuracy,
+# colour statistics). --glyphs runs it on the grayscale glyphs set (data.make_glyphs, written into the runs
+# folder), at the data's 16 px, and scores a freshly drawn glyph set as the floor.
 
-DEFAULT_RUN = dict(seeds=(0, 1, 2), n_eval=512, n_ref=1024, eval_steps=50, etas=(0.0, 1.0), image_size=32, featnet={})
+DEFAULT_RUN = dict(name="the default run", seeds=(0, 1, 2), n_eval=512, n_ref=1024, eval_steps=50, etas=(0.0, 1.0),
+                   image_size=32, featnet={}, flags=())
+GLYPHS_RUN = dict(name="the default run on the glyphs", seeds=(0,), n_eval=1000, n_ref=150, eval_steps=50, etas=(1.0,),
+                  image_size=16, featnet={}, flags=("--image-size", "16"), glyphs=dict(per_class=150, seed=0),
+                  fresh=dict(per_class=100, seed=1))
 
 
-def default_run(args, command):
-    t0, spec = time.time(), dict(DEFAULT_RUN, seeds=tuple(args.seeds or DEFAULT_RUN["seeds"]))
+def default_run(args, command, base=None):
+    t0, base = time.time(), base or DEFAULT_RUN
+    spec = dict(base, seeds=tuple(args.seeds or base["seeds"]))
     store = common.Store(args.json, json.loads(json.dumps({k: v for k, v in spec.items() if k != "seeds"})))
-    scorer = common.Scorer(spec, args.cache)
+    flags, fresh = list(spec["flags"]), None
+    if "glyphs" in spec:  # the data set and a freshly drawn one, written once into the runs folder
+        folder, fresh = os.path.join(args.runs, "glyphs"), os.path.join(args.runs, "glyphs-fresh")
+        for path, kw in ((folder, spec["glyphs"]), (fresh, spec["fresh"])):
+            if not os.path.isdir(path):
+                data.make_glyphs(path, **kw)
+        spec["data"], flags = folder, flags + ["--data", folder]
+    scorer = common.Scorer(spec, args.cache, floor=fresh is None)
+    if fresh is not None:
+        scorer.floor = scorer(*metrics.stack_items(data.build_dataset(fresh, spec["image_size"]), spec["n_eval"]))
     for seed in spec["seeds"]:
         key = f"default|seed{seed}"
         if store.get(key) is not None:
@@ -150,35 +169,39 @@ def default_run(args, command):
             shutil.rmtree(out)
         os.makedirs(args.runs, exist_ok=True)
         started = time.time()
-        common.call_train(["--seed", str(seed), "--out", out], out + ".log")
+        common.call_train([*flags, "--seed", str(seed), "--out", out], out + ".log")
         wall = time.time() - started
         path = os.path.join(out, "checkpoint.pt")
         scores = {f"eta {eta:g}": common.sample_scores(scorer, path, spec["n_eval"], spec["eval_steps"], seed, eta)
                   for eta in spec["etas"]}
         store.put(key, dict(train_wall_s=wall, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                             **scores))
-        print(f"[bench] default run seed {seed}: trained in {wall / 60:.1f} min; " + "; ".join(
+        print(f"[bench] {spec['name']}, seed {seed}: trained in {wall / 60:.1f} min; " + "; ".join(
             f"{k}: FD {v['fd']:.3f}" for k, v in scores.items()), flush=True)
     units = {s: store.get(f"default|seed{s}") for s in spec["seeds"] if store.get(f"default|seed{s}")}
-    text = default_markdown(spec, units, command, scorer.floor, time.time() - t0)
+    text = default_markdown(spec, units, command, scorer.floor, time.time() - t0, flags)
     common.write_text(args.md, text)
     print(text)
     return units
 
 
-def default_markdown(spec, units, command, floor, wall_s):
+def default_markdown(spec, units, command, floor, wall_s, flags):
     etas = [f"eta {e:g}" for e in spec["etas"]]
-    lines = [f"# The default run: `python train.py` ({len(units)} seeds)", "",
+    what = "a freshly drawn glyph set" if "glyphs" in spec else "held-out real images"
+    lines = [f"# {spec['name'].capitalize()}: `python train.py {' '.join(flags)}` ({len(units)} seeds)", "",
              f"`{command}`; {common.hardware()}; this invocation {wall_s / 60:.1f} min. Each seed: `python train.py "
-             f"--seed S` (train.py's CPU defaults), then {spec['n_eval']} DDIM-{spec['eval_steps']} samples of the EMA "
-             f"weights with each eta, the same noise for both; FD against {spec['n_ref']} held-out images in the "
-             f"reference CNN's features (real-vs-real at this N: {floor['fd']:.2f}); generated-class accuracy ceiling "
-             f"{floor['class_acc']:.3f} (real held-out images), chance 0.25.", "",
+             f"{' '.join(flags)} --seed S` (train.py's CPU defaults otherwise), then {spec['n_eval']} DDIM-"
+             f"{spec['eval_steps']} samples of the EMA weights with each eta (the same noise for each); FD against "
+             f"{spec['n_ref']} held-out images in the reference CNN's features. The floor: {what} scored as if they "
+             f"were samples: FD {floor['fd']:.3f}, precision {floor['precision']:.3f}, recall {floor['recall']:.3f}, "
+             f"class accuracy {floor['class_acc']:.3f}, mean {floor['mean']:.3f}, std {floor['std']:.3f}.", "",
              "| seed | training wall time | torch threads | " + " | ".join(
-                 f"{e}: FD | precision | recall | class acc" for e in etas) + " |", "|---" * (3 + 4 * len(etas)) + "|"]
+                 f"{e}: FD | precision | recall | class acc | mean | std" for e in etas) + " |",
+             "|---" * (3 + 6 * len(etas)) + "|"]
     for s, u in sorted(units.items()):
         lines.append(f"| {s} | {u['train_wall_s'] / 60:.1f} min ({u['date']}) | {u['threads']} | " + " | ".join(
-            f"{u[e]['fd']:.3f} | {u[e]['precision']:.3f} | {u[e]['recall']:.3f} | {u[e]['class_acc']:.3f}" for e in etas) + " |")
+            f"{u[e]['fd']:.3f} | {u[e]['precision']:.3f} | {u[e]['recall']:.3f} | {u[e]['class_acc']:.3f} | "
+            f"{u[e]['mean']:.3f} | {u[e]['std']:.3f}" for e in etas) + " |")
     if len(units) >= 2 and len(etas) == 2:
         lines += ["", f"Paired over seeds, {etas[0]} minus {etas[1]} ({evidence.interval_name()}; negative FD and "
                   "positive precision, recall, accuracy favour the first):", ""]

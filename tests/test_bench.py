@@ -423,3 +423,17 @@ def test_a_diverged_row_loses_its_claims_and_is_stored_as_such(tmp_path, monkeyp
     assert store.get("unet/eps/const|seed0|step1")["diverged"]
     monkeypatch.setattr(bench_common, "call_train", lambda *a: pytest.fail("a diverged row was retrained"))
     bench_common.train_row_resumable(prof, store, str(tmp_path), spec, 0, None)
+
+
+def test_glyphs_run_writes_its_data_once_and_scores_a_fresh_set_as_the_floor(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp_path / "cache"))
+    spec = dict(bench_recipe.GLYPHS_RUN, n_eval=8, n_ref=4, eval_steps=2, featnet=dict(n_train=32, n_test=8, steps=5),
+                glyphs=dict(per_class=4, seed=0), fresh=dict(per_class=1, seed=1))
+    real = bench_common.call_train
+    monkeypatch.setattr(bench_common, "call_train", lambda argv, log: real([*argv, "--steps", "2", "--sample-steps", "2"], log))
+    monkeypatch.setattr(bench_recipe, "GLYPHS_RUN", spec)
+    out = bench.main(["--glyphs", "--json", str(tmp_path / "g.json"), "--runs", str(tmp_path / "runs")])
+    cfg = torch.load(tmp_path / "runs" / "seed0" / "checkpoint.pt", weights_only=True)["config"]
+    assert cfg["in_channels"] == 1 and cfg["num_classes"] == 10 and cfg["image_size"] == 16  # grayscale digits
+    assert set(out[0]) >= {"eta 1", "train_wall_s"} and "floor: a freshly drawn glyph set" in open(tmp_path / "g.md").read()
+    assert len(os.listdir(tmp_path / "runs" / "glyphs-fresh")) == 10

@@ -21,3 +21,24 @@ def test_dtr_app_e_costs_per_model_size():
         text = " ".join(read(name).split())
         assert "0.6%, 0.4% and 0.3%" in text and "about 0.6%" not in text, name
 
+
+
+def numbers(text):
+    """The numbers in a text, normalised: unicode minus to '-', thousands separators dropped, '+' dropped."""
+    import re
+    text = text.replace("\u2212", "-").replace("\u00d7", "x")
+    return {m.replace(",", "").lstrip("+") for m in re.findall(r"[-+]?\d[\d,]*(?:\.\d+)?", text)}
+
+
+def test_every_readme_table_with_a_source_matches_its_results_file():
+    """A README table introduced by `<!-- numbers: results/FILE -->` quotes only numbers that FILE holds:
+    the tables are copied from bench.py's output, never typed by hand."""
+    import re
+    readme = read("README.md")
+    marked = re.findall(r"<!-- numbers: (\S+) -->\n((?:\|.*\n)+)", readme)
+    assert len(marked) >= 3, "the README's result tables name their source files"
+    for source, table in marked:
+        held = numbers(read(source))
+        body = "\n".join(table.splitlines()[2:])  # the rows, not the header
+        missing = sorted(numbers(body) - held)
+        assert not missing, f"README table from {source} quotes numbers {source} does not hold: {missing[:10]}"
