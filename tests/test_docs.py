@@ -1,5 +1,6 @@
-"""What the README and docstrings say about the papers matches the papers."""
+"""What the README and docstrings say matches the papers and the results files."""
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,15 +26,14 @@ def test_dtr_app_e_costs_per_model_size():
 
 def numbers(text):
     """The numbers in a text, normalised: unicode minus to '-', thousands separators dropped, '+' dropped."""
-    import re
-    text = text.replace("\u2212", "-").replace("\u00d7", "x")
+    text = text.replace("\u2212", "-").replace("\u00d7", "x").replace("\u2013", " ")
+    text = re.sub(r"(\d)-(\d)", r"\1 \2", text)  # a range 0.99-1.01 is two numbers, not a negative one
     return {m.replace(",", "").lstrip("+") for m in re.findall(r"[-+]?\d[\d,]*(?:\.\d+)?", text)}
 
 
 def test_every_readme_table_with_a_source_matches_its_results_file():
     """A README table introduced by `<!-- numbers: results/FILE -->` quotes only numbers that FILE holds:
     the tables are copied from bench.py's output, never typed by hand."""
-    import re
     readme = read("README.md")
     marked = re.findall(r"<!-- numbers: (\S+) -->\n((?:\|.*\n)+)", readme)
     assert len(marked) >= 3, "the README's result tables name their source files"
