@@ -187,10 +187,11 @@ def default_run(args, command, base=None):
 
 def default_markdown(spec, units, command, floor, wall_s, flags):
     etas = [f"eta {e:g}" for e in spec["etas"]]
+    cmd = " ".join(["python train.py", *flags])
     what = "a freshly drawn glyph set" if "glyphs" in spec else "held-out real images"
-    lines = [f"# {spec['name'].capitalize()}: `python train.py {' '.join(flags)}` ({len(units)} seeds)", "",
-             f"`{command}`; {common.hardware()}; this invocation {wall_s / 60:.1f} min. Each seed: `python train.py "
-             f"{' '.join(flags)} --seed S` (train.py's CPU defaults otherwise), then {spec['n_eval']} DDIM-"
+    lines = [f"# {spec['name'].capitalize()}: `{cmd}` ({len(units)} seed{'s' * (len(units) != 1)})", "",
+             f"`{command}`; {common.hardware()}; this invocation {wall_s / 60:.1f} min. Each seed: `{cmd} --seed S` "
+             f"(train.py's CPU defaults otherwise), then {spec['n_eval']} DDIM-"
              f"{spec['eval_steps']} samples of the EMA weights with each eta (the same noise for each); FD against "
              f"{spec['n_ref']} held-out images in the reference CNN's features. The floor: {what} scored as if they "
              f"were samples: FD {floor['fd']:.3f}, precision {floor['precision']:.3f}, recall {floor['recall']:.3f}, "

@@ -28,6 +28,8 @@ Differences from the paper and its code:
     - `out_channels` may be set directly; build_dit defaults to learn_sigma=False.
     - attention through torch's scaled_dot_product_attention instead of timm (same math).
     - no forward_with_cfg: guidance lives in diffusion.py (cfg_model).
+
+Imports: nothing of the project (a base file).
 """
 import math
 

@@ -4,6 +4,9 @@ JointNet's sample.py modes and its demo; the model, the loss and the samplers ar
     python sample.py --ckpt runs/jn --mode jn-rgb2dense  # or jn-joint, jn-dense2rgb, jn-inpaint, jn-sdedit, jn-tiles
     python jointnet_eval.py                              # output preservation and the joint / base sampling time
     python sample.py --ckpt runs/jn --mode jn-speed      # the same timing for a trained run
+
+Also the method's log_values hook (the held-out RGB loss, the Fig. 8 proxy) and its grid rows.
+Imports: jointnet.py, the base (diffusion.py, unet.py, runlib.py) and metrics.py.
 """
 import argparse
 import time

@@ -42,6 +42,8 @@ Differences from the papers, said plainly:
     - MT-Diffusion reports LPIPS, which needs VGG weights; perceptual_distance is LPIPS's formula
       (unit-normalised channels per stage, squared difference, spatial mean, summed over stages, no
       learned per-channel weights) on the reference net.
+
+Imports: the base (shapes.py, data.py, runlib.py); paper files and the bench may import it.
 """
 import argparse
 import hashlib

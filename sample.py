@@ -16,6 +16,8 @@ reads arr_0 only). `python metrics.py --samples OUT.npz` scores them; it also re
 folder-based FID tools (clean-fid, pytorch-fid). Methods with their own sampling tasks
 (MT-Diffusion restoration, JointNet inpainting and tiles) add `--mode` choices, implemented in their
 evaluation files (mtdiffusion_eval.py, jointnet_eval.py) and found through the registry in methods.py.
+
+Imports: the registry (methods.py) and the base (diffusion.py, runlib.py).
 """
 import os
 import sys

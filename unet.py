@@ -39,6 +39,8 @@ Run `python unet.py` to print the presets' parameter counts.
 
 Differences from ADM: no learned variance output, no BigGAN up/down ResBlocks, no fp16 tricks; the
 UNet attention uses torch's scaled_dot_product_attention.
+
+Imports: nothing of the project (a base file).
 """
 import math
 
