@@ -233,8 +233,8 @@ def stack_items(dataset, n, start=0):
     n = min(n, len(dataset) - start)
     if n <= 0:
         raise ValueError(f"the dataset has {len(dataset)} items, none left after the first {start}")
-    items = [dataset[i] for i in range(start, start + n)]
-    return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items]).long()
+    b = data.first_items(torch.utils.data.Subset(dataset, range(start, start + n)), n)
+    return b["image"], b["label"].long()
 
 
 def fit_feature_net(x, y, num_classes, seed=0, steps=400, batch_size=64, lr=2e-3):

@@ -266,8 +266,8 @@ def load_batch(data_name, image_size, n, seed):
     """n items of the training split, drawn at random: images (n, C, H, W) and labels (n,)."""
     ds = data.build_dataset(data_name, image_size, split="train", seed=seed)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    items = [ds[i] for i in idx]
-    return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
+    b = data.first_items(torch.utils.data.Subset(ds, idx), n)
+    return b["image"], b["label"]
 
 
 def pareto_methods():
