@@ -72,9 +72,11 @@ PROFILES = {
                                  eval_steps=50, eval_eta=1.0, grid_steps=10, speed_steps=3, speed_repeats=5)},
     # Evidence on 2 CPU cores (--cpu): the base recipe of the study (results/recipe_cpu.md) with gradient clipping
     # off (no measurable effect on the baseline; the Min-SNR authors' code does not clip), long enough for the
-    # eps baseline to learn (4,000 steps), every row x 3 seeds. The UNet only: DiT-T/4 at 16 px sees 16 tokens.
-    # All four weightings for eps (where the Min-SNR paper reports divergence), constant and min-SNR for v:
-    # the whole profile then fits 3 hours on 2 cores (two 1-thread workers).
+    # eps baseline to learn (4,000 steps), every row x 5 seeds. The UNet only: DiT-T/4 at 16 px sees 16 tokens.
+    # All four weightings for eps (where the Min-SNR paper reports divergence), constant and min-SNR for v.
+    # The MT-Diffusion rows are measured as their paper measures them (MT_X, MT_E below). mt_patches is the
+    # hidden-patch count of the earlier restoration protocol: unused now, kept because the stored units'
+    # settings name it.
     "cpu": {**_COMMON, **dict(arches=("unet",), targets=("eps", "v"), image_size=16, batch_size=16, lr=1e-3, warmup=50,
                               grad_clip=0.0, ema_decay=0.999, schedule="linear", checkpoints=(1000, 2000, 4000),
                               seeds=(0, 1, 2, 3, 4), log_every=50, n_eval=256, n_ref=1024, eval_steps=100, eval_eta=1.0,

@@ -1,5 +1,5 @@
 """
-The evidence profile: does each paper's claim hold at small scale? Every row x 3 seeds, each claim a
+The evidence profile: does each paper's claim hold at small scale? Every row x 5 seeds, each claim a
 paired comparison of two rows seed by seed, with a verdict; resumable, in parallel worker processes.
 
     python bench.py --cpu        # the evidence profile (results/bench_cpu.json and .md); resumable
