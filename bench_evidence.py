@@ -558,6 +558,8 @@ def evidence_tables(prof, name, args, command, store, scorer, **header):
                                       "thick: mean over seeds, thin: each seed)")
     if svg:
         common.write_text(os.path.splitext(args.md)[0] + "_fd.svg", svg)
+    if getattr(args, "runs", None):  # the runs' checkpoints are not stored: a picture only where they exist
+        bench_figures.restoration_figure(prof, args.runs, os.path.splitext(args.md)[0] + "_restoration.png")
     print(text)
     return report
 

@@ -1,13 +1,23 @@
 """
 The evidence profile's pictures, drawn without plotting libraries: FD against training steps as an SVG
-(a small line-plot writer), and image grids as PNG through runlib.save_grid.
+(a small line-plot writer), and MT-Diffusion's restorations as a PNG grid (runlib.save_grid).
 
-    python bench.py --cpu --report    # rewrites results/bench_cpu_fd.svg with the tables
+    python bench.py --cpu --report    # rewrites results/bench_cpu_fd.svg (and the restoration figure when
+                                      # the seed-0 MT-Diffusion runs are in the runs folder) with the tables
 
-Imports: bench_common.py (through the rows it is given, nothing else of the project).
+Imports: bench_common.py and the project's library files.
 """
 import math
+import os
 from xml.sax.saxutils import escape
+
+import torch
+
+import bench_common as common
+import diffusion
+import methods
+import mtdiffusion
+import runlib
 
 # A colour-blind-safe palette (Okabe & Ito), one colour per row.
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -73,3 +83,25 @@ def fd_curves_svg(rows, names, checkpoints, title):
             mean = [(c, sum(xy[j][1] for xy in per_seed.values()) / len(per_seed)) for j, c in enumerate(checkpoints)]
             series.append((f"{name} ({len(per_seed)} seeds)", mean, dict(colour=colour, width=3, legend=True)))
     return line_plot_svg(series, title, "training steps", "FD (reference CNN features)") if series else None
+
+
+@torch.no_grad()
+def restoration_figure(prof, runs, path, seed=0, m=10, n=6):
+    """Table 1 as a picture: for n held-out images with m patches hidden, rows original / masked / SDEdit
+    (t0 = T/2, the unconditional model) / Algorithm 1 (MT-Diffusion-X), from the seed's runs of the evidence
+    profile; written to path. Returns False (and writes nothing) when those runs are not in `runs`."""
+    ckpt = lambda spec: os.path.join(common.run_dir(runs, spec["name"], seed), "checkpoint.pt")
+    if not all(os.path.isfile(ckpt(s)) for s in (common.MT_X, common.MT_UNCOND)):
+        return False
+    model, cfg, sched = methods.load_run(ckpt(common.MT_X), device=common.DEVICE)
+    base, bcfg, _ = methods.load_run(ckpt(common.MT_UNCOND), device=common.DEVICE)
+    x0 = common.held_out(prof["image_size"], n)["image"]
+    M = mtdiffusion.patch_mask(torch.full((n,), m), x0.shape[-1], torch.Generator().manual_seed(1000 + m)).to(x0)
+    xm = x0 * (1 - M)                                                           # as restoration_scores masks them
+    steps = prof["eval_steps"]
+    sd = diffusion.sdedit(lambda x, t: base(x, t), sched, xm, sched.T // 2, steps, bcfg["target"], 1.0, None,
+                          torch.Generator(common.DEVICE).manual_seed(seed))
+    alg1 = mtdiffusion.mt_sample(model, sched, xm.shape, steps, 1.0, x=xm, target=cfg["target"],
+                                 generator=torch.Generator(common.DEVICE).manual_seed(seed), device=common.DEVICE)[0]
+    runlib.save_grid([x0, xm, sd.clamp(-1, 1), alg1.clamp(-1, 1)], path, ncol=n)
+    return True

@@ -335,8 +335,9 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
         again = bench.main(args)
         assert open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1] == tables
         # --report re-renders the same tables from the store alone, and says that it trained nothing.
-        rendered = bench.main(["--cpu", "--report", "--json", str(tmp_path / "e.json")])
+        rendered = bench.main(["--cpu", "--report", "--json", str(tmp_path / "e.json"), "--runs", str(tmp_path / "runs")])
         text = open(tmp_path / "e.md").read()
+        assert (tmp_path / "e_fd.svg").read_text().startswith("<svg") and (tmp_path / "e_restoration.png").is_file()
         assert text.split("## Does the baseline learn?")[1] == tables and rendered["claims"] == first["claims"]
         assert "this invocation trained nothing" in text and "this invocation 0" not in text
         # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
