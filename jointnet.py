@@ -68,10 +68,6 @@ from diffusion import q_sample
 from unet import UNet
 
 SHAPE_KEYS = ("dense_modality",)  # config keys beyond config.ARCH_KEYS that a resume must keep
-# Stage 1 and 2 train different weight sets, so their optimiser states do not fit each other: a resume
-# keeps the stage, and stage 2 starts from a stage-1 checkpoint through --init with a fresh optimiser.
-RESUME_HINTS = {"unfreeze": "start stage 2 as a new run instead: --method jointnet --init RUN/checkpoint.pt "
-                            "--unfreeze --out NEW_DIR"}
 DENSE_CHANNELS = {"depth": 1, "seg": 1}  # dense modality -> channels; seg is drawn as one grey-level map
 
 
@@ -238,72 +234,9 @@ def joint_loss(model, sched, x0, d0, t, eps_x, eps_d, y=None, target="eps", weig
 
 
 # -----------------------------------------------------------------------------
-# Hooks of the method protocol (methods.py)
-
-def add_args(parser):
-    g = parser.add_argument_group("jointnet and direct_extend (--init: the pretrained RGB run, or a JointNet "
-                                  "stage-1 run with --unfreeze)")
-    g.add_argument("--unfreeze", action="store_true",
-                   help="stage 2: train all weights (lr 1e-5, label drop 0.5 unless given)")
-    g.add_argument("--dense-modality", choices=list(DENSE_CHANNELS), default="depth")
-    g.add_argument("--rgb-heldout", type=runlib.ranged(int, 0), default=16, help="held-out images for the logged RGB loss (0: off)")
-    g.add_argument("--heldout-data", help="folder or .npz of held-out items for that loss (default: the shapes "
-                   "test split; with --data FOLDER/.npz and no --heldout-data, the training items themselves)")
-
-
-INHERITED = ("arch", "model", "target", "schedule", "T", "routing", "dtr_alpha", "dtr_beta", "dtr_placement")  # from --init
-DATA_KEYS = ("image_size", "in_channels", "num_classes")  # must agree between --init and this run's data
-
-
-def prepare_config(cfg):
-    """Take the backbone, schedule and target from the --init run; check it against this run's data."""
-    RunError, m = runlib.RunError, cfg["method"]
-    if not cfg.get("init"):
-        raise RunError(f"--method {m} extends a trained RGB model: pass --init RGB_RUN/checkpoint.pt")
-    base = runlib.load_checkpoint(cfg["init"])["config"]
-    if base["arch"] != "unet" or cfg["arch"] != "unet":  # cfg["arch"] is dit only when asked for
-        raise RunError(f"--method {m} is implemented on the UNet only (it needs unet.py's encode/decode taps); "
-                       "drop --arch dit and --init a UNet run")
-    stage2 = base["method"] == "jointnet"
-    if base["method"] in ("mtdiff", "direct_extend") or (stage2 and not (m == "jointnet" and cfg["unfreeze"])):
-        raise RunError(f"--init {cfg['init']} is a {base['method']} run; --method {m} needs a plain RGB run "
-                       "(or a jointnet run together with --method jointnet --unfreeze)")
-    if m == "direct_extend" and cfg["unfreeze"]:
-        raise RunError("--unfreeze is JointNet's stage 2; direct_extend trains all weights already, drop it")
-    if cfg["unfreeze"] and not stage2:  # all weights from step 0 would skip stage 1 (Sec. 3.4)
-        raise RunError(f"--unfreeze starts stage 2 from a JointNet stage-1 run, but --init {cfg['init']} is a plain "
-                       "RGB run; train stage 1 first (drop --unfreeze), then --init its checkpoint with --unfreeze")
-    for k in INHERITED:  # .get: runs saved before a key existed used its default (None)
-        if k in cfg["explicit"] and cfg[k] != base.get(k):
-            raise RunError(f"--init was trained with {k}={base.get(k)!r} but this run asks for {cfg[k]!r}; "
-                           f"drop the flag or use a matching --init")
-        cfg[k] = base.get(k)
-    for k in DATA_KEYS:
-        if cfg[k] != base[k]:
-            raise RunError(f"--init was trained with {k}={base[k]} but this run's data gives {k}={cfg[k]}; "
-                           f"pass the matching --image-size / --class-cond / --data, or another --init")
-    if stage2 and cfg["dense_modality"] != base["dense_modality"]:
-        raise RunError(f"--init models {base['dense_modality']}; pass --dense-modality {base['dense_modality']}")
-    if cfg["routing"] == "random":
-        raise RunError("--init uses random routing, whose masks the dense copy would not share; use dtr or none")
-    cfg["dense_channels"] = DENSE_CHANNELS[cfg["dense_modality"]]
-    if cfg.get("heldout_data"):
-        try:
-            item = runlib.held_out_items(cfg, 1, source=cfg["heldout_data"])
-        except (OSError, ValueError) as e:
-            raise RunError(f"--heldout-data: {e}") from None
-        has_dense, channels = cfg["dense_modality"] in item, item["image"].shape[1]
-        if not has_dense or channels != cfg["in_channels"]:
-            raise RunError(f"--heldout-data {cfg['heldout_data']} must hold {cfg['in_channels']}-channel images "
-                           f"with {cfg['dense_modality']} like the training data; it has {channels} channels"
-                           f"{'' if has_dense else ' and no ' + cfg['dense_modality']}")
-    elif cfg["rgb_heldout"] and cfg["data"] != "shapes":
-        print(f"note: {cfg['data']} has no held-out split, so the logged rgb_heldout loss uses training items "
-              "(it shows fitting, not forgetting); pass --heldout-data HELD_OUT_FOLDER_OR_NPZ")
-    if cfg["unfreeze"]:  # stage 2 (Sec. 3.4): lr 1e-5, condition drop raised to 50%
-        cfg["lr"] = cfg["lr"] if "lr" in cfg["explicit"] else 1e-5
-        cfg["cfg_drop"] = cfg["cfg_drop"] if "cfg_drop" in cfg["explicit"] else 0.5
-
+# Hooks of the method protocol (methods.py) that build and train the model; the method's command line
+# (its flags, their checks, the config they resolve from --init: add_args, prepare_config, ...) is in
+# jointnet_eval.py
 
 def build_model(cfg):
     c_x, c_d = cfg["in_channels"], cfg["dense_channels"]
@@ -336,15 +269,3 @@ def training_loss(model, batch, sched, cfg, rng):
                                     batch["weight"], drop)
     stats = {"mse": (mse_x + mse_d).detach(), "mse_rgb": mse_x.detach().mean(), "mse_dense": mse_d.detach().mean()}
     return loss, stats
-
-
-def unused_flags(cfg):
-    """--heldout-data feeds the logged held-out RGB loss, which --rgb-heldout 0 turns off."""
-    if cfg.get("rgb_heldout"):
-        return {}
-    return {"heldout_data": "feeds the held-out RGB loss, which --rgb-heldout 0 turns off; drop one of them"}
-
-
-def resume_keys(cfg):
-    """The training stage: stage 2 (--unfreeze) is a new run from a stage-1 checkpoint, not a resume."""
-    return ("unfreeze",)

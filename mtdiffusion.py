@@ -55,14 +55,14 @@ Differences from the paper:
     - Algorithm 1 uses the current step's head estimate and clips x0 to [-1, 1] (clip=False with
       --steps T and eta 1 is the paper's chain exactly). Restoration can also paste the
       forward-noised known pixels at every step.
-    - no LPIPS: restoration is scored by MSE; the E label head is a small CNN, not ADM's classifier.
+    - no LPIPS (VGG weights cannot be downloaded here): bench.py scores restoration by LPIPS's formula in
+      its reference CNN's features; the E label head is a small CNN, not ADM's classifier.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import runlib
-import shapes
 from diffusion import Schedule, ddim_step, extract, q_sample, split_prediction, timestep_subset, training_target
 from dit import DiT, FinalLayer, build_dit
 from unet import norm, zero_module
@@ -365,52 +365,10 @@ def mt_sample(model, sched, shape, steps=50, eta=0.0, x=None, z0=None, known=Non
 
 
 # -----------------------------------------------------------------------------
-# Hooks of the method protocol (methods.py)
+# Hooks of the method protocol (methods.py) that build and train the model; the method's command line
+# (its flags, their checks, the config they resolve: add_args, prepare_config, ...) is in mtdiffusion_eval.py
 
 SHAPE_KEYS = ("task", "mt_variant", "mt_head")  # config keys that change the network: a resume must keep them
-
-
-def resume_keys(cfg):
-    """The forward process (task weights) and the loss: changing one on --resume would change the experiment."""
-    return ("mt_weights", "mt_scale", "mt_lambda", "mt_drop")
-
-
-def unused_flags(cfg):
-    """--mt-head chooses the label head, which only --task label has."""
-    if cfg.get("task") == "label":
-        return {}
-    return {"mt_head": f"chooses the label head of --task label, which --task {cfg.get('task')} does not have; drop it"}
-
-
-def add_args(p):
-    g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
-    g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "
-                   "the label (Sec. 4.2) or the segmentation map (App. E.1)")
-    g.add_argument("--mt-variant", choices=["U", "X"],
-                   help="noise predictor eps(z_t, t) or eps(z_t, X, t); default X, U for labels")
-    g.add_argument("--mt-head", choices=["M", "E"], default="M",
-                   help="label head: MLP on the middle block, or classifier on the output")
-    g.add_argument("--mt-weights", choices=WEIGHTS, default="sigma", help="task-weight schedule w_t (mtdiffusion.py)")
-    g.add_argument("--mt-scale", type=runlib.ranged(float, 0), default=1.0, help="the constant c of the task-weight schedule")
-    g.add_argument("--mt-lambda", type=runlib.ranged(float, 0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
-    g.add_argument("--mt-drop", type=runlib.ranged(float, 0, 1), default=0.2,
-                   help="share of samples trained with x unknown (the single-task model)")
-
-
-def prepare_config(cfg):
-    if cfg["mt_variant"] is None:
-        cfg["mt_variant"] = "U" if cfg["task"] == "label" else "X"
-    if cfg["task"] == "label":
-        if cfg["num_classes"] < 2:
-            raise runlib.RunError("--task label needs labelled data with at least 2 classes and --class-cond 1")
-        if cfg["mt_variant"] == "X":
-            raise runlib.RunError("--task label needs --mt-variant U: with X the head could read the label from the input")
-    else:  # masked and translate model the image without class conditioning; through class_cond, so that
-        cfg["class_cond"], cfg["num_classes"] = 0, 0  # a resume, which re-reads the data, agrees
-    if cfg["task"] == "translate":
-        if cfg["data"] != "shapes":
-            raise runlib.RunError("--task translate needs segmentation maps: use --data shapes")
-        cfg["seg_classes"] = shapes.SEG_CLASSES
 
 
 def build_model(cfg):

@@ -8,8 +8,9 @@ and translation (Table 4). The math, the model and the loss are in mtdiffusion.p
     python sample.py --ckpt runs/mt --mode mt-joint       # generation from scratch (Algorithm 1)
     python mtdiffusion_eval.py --schedules                # the prior mismatch of every task-weight schedule
 
-Also the method's grid rows (sample_rows, a hook of methods.py). Imports: mtdiffusion.py, the base and
-metrics.py.
+Also the method's command line (add_args, prepare_config, unused_flags, resume_keys: hooks of methods.py),
+its grid rows (sample_rows) and the two measurements bench.py runs over seeds (restoration_scores, Table
+1; label_scores, Fig. 6). Imports: mtdiffusion.py, the base and metrics.py.
 """
 import argparse
 import copy
@@ -20,11 +21,58 @@ import data
 import diffusion
 import metrics
 import runlib
+import shapes
 from diffusion import Schedule, q_sample, sdedit_timesteps
-from mtdiffusion import (WEIGHTS, aggregation_coefs, build_model, mt_sample, patch_mask, prior_kl, q_sample_mt,
+from mtdiffusion import (TASKS, WEIGHTS, aggregation_coefs, build_model, mt_sample, patch_mask, prior_kl, q_sample_mt,
                          task_weights)
 
 SAMPLE_MODES = ("mt-joint", "mt-restore", "mt-label", "mt-translate")
+
+
+# -----------------------------------------------------------------------------
+# The method's command line: its train.py flags, their checks and the config they resolve (hooks)
+
+def resume_keys(cfg):
+    """The forward process (task weights) and the loss: changing one on --resume would change the experiment."""
+    return ("mt_weights", "mt_scale", "mt_lambda", "mt_drop")
+
+
+def unused_flags(cfg):
+    """--mt-head chooses the label head, which only --task label has."""
+    if cfg.get("task") == "label":
+        return {}
+    return {"mt_head": f"chooses the label head of --task label, which --task {cfg.get('task')} does not have; drop it"}
+
+
+def add_args(p):
+    g = p.add_argument_group("MT-Diffusion (--method mtdiff, mtdiffusion.py)")
+    g.add_argument("--task", choices=TASKS, default="masked", help="the second modality: a masked copy (Sec. 4.1), "
+                   "the label (Sec. 4.2) or the segmentation map (App. E.1)")
+    g.add_argument("--mt-variant", choices=["U", "X"],
+                   help="noise predictor eps(z_t, t) or eps(z_t, X, t); default X, U for labels")
+    g.add_argument("--mt-head", choices=["M", "E"], default="M",
+                   help="label head: MLP on the middle block, or classifier on the output")
+    g.add_argument("--mt-weights", choices=WEIGHTS, default="sigma", help="task-weight schedule w_t (mtdiffusion.py)")
+    g.add_argument("--mt-scale", type=runlib.ranged(float, 0), default=1.0, help="the constant c of the task-weight schedule")
+    g.add_argument("--mt-lambda", type=runlib.ranged(float, 0), default=0.1, help="weight lambda of the modality loss (Eq. 6)")
+    g.add_argument("--mt-drop", type=runlib.ranged(float, 0, 1), default=0.2,
+                   help="share of samples trained with x unknown (the single-task model)")
+
+
+def prepare_config(cfg):
+    if cfg["mt_variant"] is None:
+        cfg["mt_variant"] = "U" if cfg["task"] == "label" else "X"
+    if cfg["task"] == "label":
+        if cfg["num_classes"] < 2:
+            raise runlib.RunError("--task label needs labelled data with at least 2 classes and --class-cond 1")
+        if cfg["mt_variant"] == "X":
+            raise runlib.RunError("--task label needs --mt-variant U: with X the head could read the label from the input")
+    else:  # masked and translate model the image without class conditioning; through class_cond, so that
+        cfg["class_cond"], cfg["num_classes"] = 0, 0  # a resume, which re-reads the data, agrees
+    if cfg["task"] == "translate":
+        if cfg["data"] != "shapes":
+            raise runlib.RunError("--task translate needs segmentation maps: use --data shapes")
+        cfg["seg_classes"] = shapes.SEG_CLASSES
 
 
 def add_sample_args(p):
