@@ -453,7 +453,8 @@ def evidence_markdown(report):
         lines.append(f"{head} {c['mean_a']:.3f} | {c['mean_b']:.3f} | {fmt_ci(c['ci'])} | {k_of_n} | {c['n']} | "
                      f"**{c['verdict']}** |")
     cols = " | ".join(f"FD@{c}" for c in cks)
-    lines += ["", "## Rows", "", "Mean ± std over seeds. Channel deviation: mean |pixel channel - pixel mean| "
+    lines += ["", "## Rows", "", "Mean ± std over the seeds stored at each checkpoint; seeds: those with every "
+              "checkpoint stored (+ those still training). Channel deviation: mean |pixel channel - pixel mean| "
               f"(real images: {report['floor']['channel_dev']:.3f}).", "",
               f"| row | {cols} | class acc | channel dev | sample std | seeds | diverged |", "|---" * (len(cks) + 6) + "|"]
     for name, per_seed in rows.items():
@@ -461,8 +462,10 @@ def evidence_markdown(report):
             continue
         v = lambda m, c: mean_std(list(final(rows, name, m, c).values()))
         div = sum(diverged(r) for r in per_seed.values())
+        done = sum(all(c in r for c in cks) or diverged(r) for r in per_seed.values())
+        seeds = f"{done}" + (f" (+{len(per_seed) - done})" if len(per_seed) > done else "")
         lines.append(f"| {name} | " + " | ".join(fmt(v('fd', c)) for c in cks) + f" | {fmt(v('class_acc', cks[-1]), 3)} | "
-                     f"{fmt(v('channel_dev', cks[-1]), 3)} | {fmt(v('std', cks[-1]), 3)} | {len(per_seed)} | {div} |")
+                     f"{fmt(v('channel_dev', cks[-1]), 3)} | {fmt(v('std', cks[-1]), 3)} | {seeds} | {div} |")
     tt = [r for r in report["time_to_target"] if r["speedup"]]
     if tt:
         lines += ["", "## Min-SNR time to target", "", "Steps min-SNR needs to reach the other weighting's final FD, as final "
