@@ -35,7 +35,7 @@ def test_every_readme_table_with_a_source_matches_its_results_file():
     """A README table introduced by `<!-- numbers: results/FILE -->` quotes only numbers that FILE holds:
     the tables are copied from bench.py's output, never typed by hand."""
     readme = read("README.md")
-    marked = re.findall(r"<!-- numbers: (\S+) -->\n((?:\|.*\n)+)", readme)
+    marked = re.findall(r"[ \t]*<!-- numbers: (\S+) -->\n((?:[ \t]*\|.*\n)+)", readme)
     assert len(marked) >= 3, "the README's result tables name their source files"
     for source, table in marked:
         held = numbers(read(source))
