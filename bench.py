@@ -9,6 +9,7 @@ The evidence: does each paper's claim hold at small scale, and what does each me
     python bench.py --quick      # a smoke of every row (16px, 400 steps, one seed): checks, not evidence
     python bench.py --full       # one GPU, overnight: 32px, 10k steps, three seeds
     python bench.py --tiny       # a few steps of everything: checks that the pipeline runs (the tests use it)
+    python bench.py --only speed     # every method's training images/s and the samplers' (the Cost table)
     python bench.py --only routing   # DTR's training cost alone (the profile's models; 12 minutes with --quick)
     python bench.py --only compile   # torch.compile against eager training steps (compiling takes minutes on a CPU)
     python bench.py --gpu-check      # every method with bf16 and --compile on CUDA, resumed and sampled (~5 min)
@@ -96,8 +97,9 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, help="--cpu: training processes at once, one torch thread each (default: "
                    "the CPU count, at most 8; on 2 cores two 1-thread trainings do 1.85x the work of one 2-thread one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one of --parallel's processes: the profile's JSON file
-    p.add_argument("--only", choices=["routing", "compile"], help="run one section: 'routing' times DTR's cost (minutes "
-                   "on a CPU), 'compile' times torch.compile against eager training (compiling takes minutes on a CPU)")
+    p.add_argument("--only", choices=["speed", "routing", "compile"], help="run one section: 'speed' times every method's training "
+                   "steps and the samplers, 'routing' times DTR's cost (minutes on a CPU), 'compile' times torch.compile "
+                   "against eager training (compiling takes minutes on a CPU)")
     p.add_argument("--report", action="store_true", help="--cpu: re-render the tables (--md) of the stored units "
                    "(--json) without training or storing anything")
     p.add_argument("--default-run", action="store_true", help="train `python train.py` (its defaults) with 3 seeds, "

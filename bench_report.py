@@ -269,15 +269,7 @@ def markdown(report):
             lines.append(f"| {n} | {fmt(v(lambda r: r['rgb_heldout']['first']), 4)} | {fmt(v(lambda r: r['rgb_heldout']['last']), 4)} | "
                          f"{fmt(v(lambda r: r['depth']['abs_rel']), 4)} | {fmt(v(lambda r: r['depth']['rmse']), 4)} | "
                          f"{fmt(v(lambda r: r['depth']['other_image_abs_rel']), 4)} / {fmt(v(lambda r: r['depth']['other_image_rmse']), 4)} | {len(rs)} |")
-    lines += ["", f"## Training speed (batch {p['batch_size']}, {p['image_size']}px, best of {p['speed_repeats']} interleaved "
-              f"repeats of {p['speed_steps']} steps)", "", "| backbone | method | parameters | trainable | images/s | ratio to ddpm |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['params']:,} | {r['trainable']:,} | {r['img_per_s']:.1f} | {r['ratio_to_ddpm']:.3f} |"
-              for r in report["speed"]]
-    lines += ["", f"## Sampling speed (batch {p['sample_n']}, untrained weights; DDIM: best of {p['speed_repeats']} interleaved "
-              "repeats, DDPM: one run)", "", "| backbone | method | sampler | images/s |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['sampler']} | {r['img_per_s']:.2f} |" for r in report["sampling"]]
+    lines += timing.speed_markdown(p, dict(training=report["speed"], sampling=report["sampling"]))
     return "\n".join(lines + timing.routing_markdown(report["routing_cost"])) + "\n"
 
 

@@ -227,9 +227,36 @@ def compile_markdown(rows):
         f"{even(r)} | {r['repeats']} |" for r in rows]
 
 
+def speed(prof, root):
+    """Training images/s of every method (training_speed; JointNet and Direct Extend extend a 1-step ddpm run,
+    whose weights do not change the time) and sampling images/s, on every backbone of the profile."""
+    base = os.path.join(root, "speed-base")
+    if common.saved_step(base) is None:
+        os.makedirs(root, exist_ok=True)
+        common.call_train(["--method", "ddpm", *common.common_flags(prof, "unet", 0), "--steps", "1", "--out", base],
+                          base + ".log")
+    init = os.path.join(base, "checkpoint.pt")
+    return dict(training=[r for a in prof["arches"] for r in training_speed(prof, a, init if a == "unet" else None)],
+                sampling=[r for a in prof["arches"] for r in sampling_speed(prof, a)])
+
+
+def speed_markdown(p, rows):
+    """The training and sampling speed tables of speed()'s rows."""
+    lines = ["", f"## Training speed (batch {p['batch_size']}, {p['image_size']}px, best of {p['speed_repeats']} "
+             f"interleaved repeats of {p['speed_steps']} steps)", "",
+             "| backbone | method | parameters | trainable | images/s | ratio to ddpm |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['params']:,} | {r['trainable']:,} | {r['img_per_s']:.1f} | "
+              f"{r['ratio_to_ddpm']:.3f} |" for r in rows["training"]]
+    lines += ["", f"## Sampling speed (batch {p['sample_n']}, untrained weights; DDIM: best of {p['speed_repeats']} "
+              "interleaved repeats, DDPM: one run)", "", "| backbone | method | sampler | images/s |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['sampler']} | {r['img_per_s']:.2f} |" for r in rows["sampling"]]
+    return lines
+
+
 def timing_only(prof, name, args, command, section):
-    """One timing section alone (--only routing / compile): its rows, their table, bench.json and bench.md."""
-    rows_fn, markdown_fn, title = {"routing": (routing_cost, routing_markdown, "DTR cost"),
+    """One timing section alone (--only speed / routing / compile): its rows, their table, bench.json and bench.md."""
+    rows_fn, markdown_fn, title = {"speed": (lambda p: speed(p, args.runs), lambda rows: speed_markdown(prof, rows), "Speed"),
+                                   "routing": (routing_cost, routing_markdown, "DTR cost"),
                                    "compile": (lambda p: compile_cost(p, name), compile_markdown, "Compile cost")}[section]
     t0 = time.time()
     rows = rows_fn(prof)

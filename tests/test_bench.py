@@ -162,6 +162,16 @@ def test_routing_only_writes_the_dtr_cost_table(tmp_path):
     assert text.startswith("# DTR cost (tiny profile)") and "| DiT-T/4 | 16px | 2 |" in text
 
 
+def test_speed_only_times_every_method_and_the_samplers(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FOUR_PAPERS_CACHE", str(tmp_path / "cache"))
+    report = bench.main(["--tiny", "--only", "speed", "--json", str(tmp_path / "s.json"), "--runs", str(tmp_path / "runs")])
+    methods = {(r["model"], r["method"]) for r in report["speed_cost"]["training"]}
+    assert {("unet-cpu", "ddpm"), ("unet-cpu", "jointnet"), ("DiT-T/4", "ddpm")} <= methods
+    assert all(r["img_per_s"] > 0 for r in report["speed_cost"]["training"] + report["speed_cost"]["sampling"])
+    text = open(tmp_path / "s.md").read()
+    assert text.startswith("# Speed (tiny profile)") and "## Training speed" in text and "## Sampling speed" in text
+
+
 def test_compile_only_writes_its_table_through_the_same_path(tmp_path, monkeypatch):
     c = {"median": 0.9, "lo": 0.85, "hi": 0.95}
     row = dict(model="unet-cpu", image_size=16, batch=2, eager_ms=10.0, compiled_ms=9.0, compiled_ratio=c,
