@@ -263,6 +263,54 @@ MT_LABEL_EPS = "unet/mtdiff-label"
 JOINT = [dict(group="jointnet", name=f"unet/{m}", arch="unet", method=m) for m in ("jointnet", "direct_extend")]
 
 
+# MT-Diffusion Table 1 (ImageNet 64, LPIPS): {m: (Clean-Masked, SDEdit, MT-Diffusion)}
+MT_TABLE1 = {5: (0.311, 0.400, 0.035), 10: (0.414, 0.466, 0.068), 15: (0.461, 0.497, 0.099), 20: (0.491, 0.513, 0.133)}
+
+
+def mt_markdown(p, rows):
+    """The MT-Diffusion tables: restoration at every m (Table 1's rows and the extras), and the label
+    accuracies over finetuning steps (Fig. 6), with the eps-recipe label run's reference numbers."""
+    lines = []
+    rest = {s: r for s, r in rows.get(MT_X["name"], {}).items() if "restoration" in r}
+    if rest:
+        ms = [m for m in p.get("restore_patches", ()) if all(str(m) in r["restoration"] for r in rest.values())]
+        names = list(next(iter(rest.values()))["restoration"][str(ms[0])]) if ms else []
+        lines += ["", f"## MT-Diffusion restoration ({p['n_restore']} held-out images, {len(rest)} seeds)", "",
+                  "Perceptual distance to the original (LPIPS's formula in the reference CNN's features, standing in for "
+                  "LPIPS), with masked-region MSE and the change of the visible region in brackets; mean ± std over "
+                  "seeds. Clean-Masked, SDEdit and Algorithm 1 are Table 1's rows; '+ paste' and replacement are extras. "
+                  "The paper's LPIPS (ImageNet 64) at m = 5 / 10 / 15 / 20: Clean-Masked "
+                  + " / ".join(f"{MT_TABLE1[m][0]}" for m in sorted(MT_TABLE1)) + ", SDEdit "
+                  + " / ".join(f"{MT_TABLE1[m][1]}" for m in sorted(MT_TABLE1)) + ", MT-Diffusion "
+                  + " / ".join(f"{MT_TABLE1[m][2]}" for m in sorted(MT_TABLE1)) + ".", "",
+                  "| row | " + " | ".join(f"Mask-{m}" for m in ms) + " |", "|---" * (len(ms) + 1) + "|"]
+        for name in names:
+            cell = lambda m, f: mean_std([r["restoration"][str(m)][name][f] for r in rest.values()])
+            lines.append(f"| {name} | " + " | ".join(
+                f"{fmt(cell(m, 'perceptual'), 3)} ({fmt(cell(m, 'masked_mse'), 3)}; {fmt(cell(m, 'unmasked_change'), 3)})"
+                for m in ms) + " |")
+    labs = [r["labels"] for r in rows.get(MT_E["name"], {}).values()]
+    if labs:
+        ks = sorted({int(k) for x in labs for k in x["mt"]})
+        lines += ["", f"## MT-Diffusion-E's classifier against a noise-aware classifier ({p.get('n_label')} held-out "
+                  f"images, {len(labs)} seeds)", "",
+                  "Accuracy on held-out images noised at fixed shared draws of t ~ U{0..T-1} (Fig. 6's metric), and on "
+                  "the clean images (t = 0), after K steps of finetuning by noised cross-entropy (K = 0: as trained). "
+                  "Mean ± std over seeds; chance is 0.25.", "",
+                  "| model | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for name, title in (("mt", "MT-Diffusion-E, noised"), ("baseline", "noise-aware classifier, noised"),
+                            ("mt", "MT-Diffusion-E, t = 0"), ("baseline", "noise-aware classifier, t = 0")):
+            f = "noised" if title.endswith("noised") else "clean"
+            lines.append(f"| {title} | " + " | ".join(
+                fmt(mean_std([x[name][str(k)][f] for x in labs if str(k) in x[name]]), 3) for k in ks) + " |")
+    ref = [r["labels"] for r in rows.get(MT_LABEL_EPS, {}).values()]
+    if ref:
+        lines += ["", f"Reference rows (not claims), from the eps-recipe label run of earlier profiles ({len(ref)} seeds): "
+                  f"held-out accuracy at t = 0 of its raw M head {fmt(mean_std([x['mt_head'] for x in ref]), 3)}, of the "
+                  f"same network trained by cross-entropy on clean images {fmt(mean_std([x['supervised'] for x in ref]), 3)}."]
+    return lines
+
+
 def held_out(S, n):
     return data.first_items(data.build_dataset("shapes", S, "test", 0), n, DEVICE)
 

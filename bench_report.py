@@ -18,7 +18,6 @@ import statistics
 import time
 
 import bench_common as common
-import bench_evidence as evidence
 import bench_timing as timing
 from bench_common import fmt, mean_std
 
@@ -257,7 +256,7 @@ def markdown(report):
         for key in ("restoration", "labels"):
             if r.get(key):
                 mt.setdefault(r["name"], {})[r["seed"]] = {key: r[key]}
-    lines += evidence.mt_markdown(p, mt)
+    lines += common.mt_markdown(p, mt)
     jn = [r for r in report["quality"] if r.get("depth")]
     if jn:
         lines += ["", "## JointNet: RGB forgetting and RGB -> depth", "",
