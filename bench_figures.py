@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 import bench_common as common
-import diffusion
 import methods
-import mtdiffusion
+import mtdiffusion_eval
 import runlib
 
 # A colour-blind-safe palette (Okabe & Ito), one colour per row.
@@ -97,14 +96,12 @@ def restoration_figure(prof, runs, path, seed=0, m=10, n=6):
     model, cfg, sched = methods.load_run(ckpt(common.MT_X), device=common.DEVICE)
     base, bcfg, _ = methods.load_run(ckpt(common.MT_UNCOND), device=common.DEVICE)
     x0 = common.held_out(prof["image_size"], n)["image"]
-    M = mtdiffusion.patch_mask(torch.full((n,), m), x0.shape[-1], torch.Generator().manual_seed(1000 + m)).to(x0)
-    xm = x0 * (1 - M)                                                           # as restoration_scores masks them
-    steps = prof["eval_steps"]
-    sd = diffusion.sdedit(lambda x, t: base(x, t), sched, xm, sched.T // 2, steps, bcfg["target"], 1.0, None,
-                          torch.Generator(common.DEVICE).manual_seed(seed))
-    alg1 = mtdiffusion.mt_sample(model, sched, xm.shape, steps, 1.0, x=xm, target=cfg["target"],
-                                 generator=torch.Generator(common.DEVICE).manual_seed(seed), device=common.DEVICE)[0]
-    runlib.save_grid([x0, xm, sd.clamp(-1, 1), alg1.clamp(-1, 1)], path, ncol=n)
+    M = mtdiffusion_eval.table1_mask(n, x0.shape[-1], m).to(x0)                 # as restoration_scores masks them
+    xm, keep = x0 * (1 - M), (M == 0).expand_as(x0)
+    restore = mtdiffusion_eval.table1_restorers(model, cfg, base, bcfg, sched, prof["eval_steps"])
+    rows = [restore[r](xm, keep, torch.Generator(common.DEVICE).manual_seed(seed)).clamp(-1, 1)
+            for r in ("SDEdit (t0 = T/2)", "Algorithm 1")]
+    runlib.save_grid([x0, xm, *rows], path, ncol=n)
     with Image.open(path) as im:  # 16 px images: enlarged 4x, pixel for pixel, to be seen
         im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
     return True

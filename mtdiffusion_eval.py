@@ -198,6 +198,31 @@ def run_sample_mode(mode, model, sched, cfg, args, out, device):
 RESTORE_PATCHES = (5, 10, 15, 20)  # Table 1's Mask-m
 
 
+def table1_mask(n, size, m):
+    """(n, 1, S, S) masks of m patches of side S/4, the same for every row and seed (a fixed generator per m)."""
+    return patch_mask(torch.full((n,), m), size, torch.Generator().manual_seed(1000 + m))
+
+
+def table1_restorers(model, cfg, base, bcfg, sched, steps):
+    """{row: restore(masked images, known (bool, like them), generator)} of restoration_scores' rows:
+    Algorithm 1 with the MT-Diffusion model, SDEdit and replacement with the unconditional `base`, all
+    ancestral (eta 1) on `steps` respaced timesteps."""
+    T = sched.T
+    def alg1(xm, keep, g, paste=False):
+        kw = dict(z0=xm, known=keep[:, :1].float()) if paste else {}
+        return mt_sample(model, sched, xm.shape, steps, 1.0, x=xm, target=cfg["target"], generator=g,
+                         device=xm.device, **kw)[0]
+    def sdedit(xm, keep, g, t0, replace=False):
+        return diffusion.sdedit(lambda x, t: base(x, t), sched, xm, t0, steps, bcfg["target"], 1.0,
+                                keep if replace else None, g)
+    return {"Clean-Masked": lambda xm, keep, g: xm,
+            "SDEdit (t0 = T/2)": lambda xm, keep, g: sdedit(xm, keep, g, T // 2),
+            "SDEdit (t0 = T/4)": lambda xm, keep, g: sdedit(xm, keep, g, T // 4),
+            "Algorithm 1": alg1,
+            "Algorithm 1 + paste": lambda xm, keep, g: alg1(xm, keep, g, paste=True),
+            "replacement": lambda xm, keep, g: sdedit(xm, keep, g, T - 1, replace=True)}
+
+
 @torch.no_grad()
 def restoration_scores(model, cfg, base, bcfg, sched, x0, net, patches=RESTORE_PATCHES, steps=100, seed=0,
                        batch=64):
@@ -218,23 +243,10 @@ def restoration_scores(model, cfg, base, bcfg, sched, x0, net, patches=RESTORE_P
     visible region against the input). Every row draws its noise from a generator seeded with `seed`.
     Returns {m: {row: {perceptual, masked_mse, unmasked_change}}}.
     """
-    S, T = x0.shape[-1], sched.T
-    def alg1(xm, keep, g, paste=False):
-        kw = dict(z0=xm, known=keep[:, :1].float()) if paste else {}
-        return mt_sample(model, sched, xm.shape, steps, 1.0, x=xm, target=cfg["target"], generator=g,
-                         device=xm.device, **kw)[0]
-    def sdedit(xm, keep, g, t0, replace=False):
-        return diffusion.sdedit(lambda x, t: base(x, t), sched, xm, t0, steps, bcfg["target"], 1.0,
-                                keep if replace else None, g)
-    methods = {"Clean-Masked": lambda xm, keep, g: xm,
-               "SDEdit (t0 = T/2)": lambda xm, keep, g: sdedit(xm, keep, g, T // 2),
-               "SDEdit (t0 = T/4)": lambda xm, keep, g: sdedit(xm, keep, g, T // 4),
-               "Algorithm 1": alg1,
-               "Algorithm 1 + paste": lambda xm, keep, g: alg1(xm, keep, g, paste=True),
-               "replacement": lambda xm, keep, g: sdedit(xm, keep, g, T - 1, replace=True)}
+    methods = table1_restorers(model, cfg, base, bcfg, sched, steps)
     scores = {}
     for m in patches:
-        M = patch_mask(torch.full((len(x0),), m), S, torch.Generator().manual_seed(1000 + m)).to(x0)  # (N, 1, S, S)
+        M = table1_mask(len(x0), x0.shape[-1], m).to(x0)                        # (N, 1, S, S)
         xm, keep = x0 * (1 - M), (M == 0).expand_as(x0)                          # the masked input, known pixels
         rows = {}
         for name, restore in methods.items():
