@@ -518,6 +518,13 @@ def evidence_tables(prof, name, args, command, store, scorer, **header):
         common.write_text(os.path.splitext(args.md)[0] + "_fd.svg", svg)
     if getattr(args, "runs", None):  # the runs' checkpoints are not stored: a picture only where they exist
         bench_figures.restoration_figure(prof, args.runs, os.path.splitext(args.md)[0] + "_restoration.png")
+    if getattr(args, "runs", None) and header.get("rendered_only"):  # samples: drawn by --report alone
+        source = {s["name"]: s.get("shared_with", s["name"]) for s in evidence_specs(prof)}
+        shown = [n for n in bench_figures.SAMPLE_ROWS if n in source]
+        seed = bench_figures.samples_figure(prof, args.runs, os.path.splitext(args.md)[0] + "_samples.png",
+                                            [source[n] for n in shown])
+        if seed is not None:
+            print(f"[bench] samples figure: rows {', '.join(shown)}, from the seed-{seed} runs")
     print(text)
     return report
 

@@ -1,9 +1,10 @@
 """
 The evidence profile's pictures, drawn without plotting libraries: FD against training steps as an SVG
-(a small line-plot writer), and MT-Diffusion's restorations as a PNG grid (runlib.save_grid).
+(a small line-plot writer), MT-Diffusion's restorations and a few rows' samples as PNG grids
+(runlib.save_grid).
 
-    python bench.py --cpu --report    # rewrites results/bench_cpu_fd.svg (and the restoration figure when
-                                      # the seed-0 MT-Diffusion runs are in the runs folder) with the tables
+    python bench.py --cpu --report    # rewrites results/bench_cpu_fd.svg with the tables, and the
+                                      # restoration and samples figures when their runs are in the runs folder
 
 Imports: bench_common.py and the project's library files.
 """
@@ -105,3 +106,37 @@ def restoration_figure(prof, runs, path, seed=0, m=10, n=6):
     with Image.open(path) as im:  # 16 px images: enlarged 4x, pixel for pixel, to be seen
         im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
     return True
+
+
+# The samples figure's rows, by weighting: eps with SNR weight (the ddpm loss), eps constant, eps min-SNR-5,
+# v min-SNR-5 (a profile draws those it has, each from the run it shares).
+SAMPLE_ROWS = ("unet/eps/snr", "unet/eps/const", "unet/eps/min_snr", "unet/v/min_snr")
+
+
+@torch.no_grad()
+def samples_figure(prof, runs, path, names, n=8):
+    """Held-out images and the final checkpoint's samples of the runs `names`, one row of the picture each:
+    the lowest seed whose runs are all in `runs` at the profile's last checkpoint, DDIM with the profile's
+    evaluation steps and eta, the same noise for every row (bench_common.generate), classes cycling across
+    the columns; the held-out row shows a held-out image of each column's class. Returns that seed, or None
+    (and writes nothing) when no seed has all the runs."""
+    last = prof["checkpoints"][-1]
+    have = lambda seed: all(common.saved_step(common.run_dir(runs, r, seed)) == last for r in names)
+    seed = next((s for s in prof["seeds"] if have(s)), None)
+    if seed is None:
+        return None
+    grid = []
+    for r in names:
+        model, cfg, sched = methods.load_run(os.path.join(common.run_dir(runs, r, seed), "checkpoint.pt"), device=common.DEVICE)
+        x, labels = common.generate(model, sched, cfg, n, prof["eval_steps"], seed, prof["eval_eta"])
+        grid.append(x.clamp(-1, 1))
+    real = common.held_out(prof["image_size"], 16 * n)
+    pick, used = [], set()
+    for c in labels.tolist():                  # the first unused held-out image of each column's class
+        i = next(i for i, y in enumerate(real["label"].tolist()) if y == c and i not in used)
+        used.add(i)
+        pick.append(i)
+    runlib.save_grid([real["image"][pick].cpu(), *grid], path, ncol=n)
+    with Image.open(path) as im:
+        im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
+    return seed

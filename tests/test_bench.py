@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
@@ -344,14 +345,19 @@ def test_evidence_profile_resumes_and_skips_finished_units(tmp_path, monkeypatch
         m.setattr(bench_common, "generate", refuse)
         again = bench.main(args)
         assert open(tmp_path / "e.md").read().split("## Does the baseline learn?")[1] == tables
-        # --report re-renders the same tables from the store alone, and says that it trained nothing.
+        # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
+        one_seed = bench.main(args + ["--seeds", "0"])
+    with monkeypatch.context() as m:
+        # --report re-renders the same tables from the store alone, and says that it trained nothing; it
+        # samples only for the figures, from the runs' final checkpoints.
+        m.setattr(bench_common, "call_train", refuse)
         rendered = bench.main(["--cpu", "--report", "--json", str(tmp_path / "e.json"), "--runs", str(tmp_path / "runs")])
         text = open(tmp_path / "e.md").read()
         assert (tmp_path / "e_fd.svg").read_text().startswith("<svg") and (tmp_path / "e_restoration.png").is_file()
+        with Image.open(tmp_path / "e_samples.png") as im:  # held-out row + eps/const + eps/min_snr, 8 columns
+            assert im.size[0] > im.size[1] and round(im.size[0] / im.size[1]) == round(8 / 3)
         assert text.split("## Does the baseline learn?")[1] == tables and rendered["claims"] == first["claims"]
         assert "this invocation trained nothing" in text and "this invocation 0" not in text
-        # Rows and seeds may change between invocations (units are keyed by them): a subset trains nothing.
-        one_seed = bench.main(args + ["--seeds", "0"])
     assert again["claims"] == first["claims"] and list(one_seed["rows"]["unet/ddpm"]) == [0]
     assert json.load(open(tmp_path / "e.json"))["invocations"] == ran  # invocations that train nothing are not
     # A longer run continues each row from its last checkpoint to the new one, and matches a run trained
