@@ -60,7 +60,7 @@ PROFILES = {
                                ddpm_steps=4, n_restore=4, restore_patches=(2, 4), n_label=8,
                                finetune_steps=(1, 2), finetune_lr=3e-4,
                                routing_cost=(("unet-cpu", 16, 4, 3), ("DiT-T/4", 16, 4, 3)))},
-    # About 30 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
+    # About 20 minutes on 2 CPU cores: 16px, 400 steps of batch 16, one seed.
     "quick": {**_COMMON, **dict(image_size=16, batch_size=16, lr=1e-3, warmup=50, checkpoints=(100, 200, 400),
                                 seeds=(0,), log_every=50, n_eval=256, n_ref=1024, eval_steps=10, grid_steps=10,
                                 rgb_heldout=16, speed_steps=3, speed_repeats=7, sample_n=16, n_restore=64,
