@@ -63,7 +63,7 @@ Inception, not LPIPS's VGG). A claim that does
 not reproduce here says something about this scale, not necessarily about the paper.
 
 The command line is this file; each job is its own module: bench_evidence.py (--cpu), bench_recipe.py
-(--recipe, --default-run), bench_figures.py (the evidence's SVG plot), bench_timing.py (the timings, --only, --gpu-check), bench_report.py (--tiny, --quick, --full),
+(--recipe, --default-run), bench_figures.py (the evidence's FD plot, restoration and samples figures), bench_timing.py (the timings, --only, --gpu-check), bench_report.py (--tiny, --quick, --full),
 and bench_common.py what they share (the profiles, training through train.py, scoring, the store).
 This file imports the job modules and bench_common.py only.
 """

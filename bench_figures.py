@@ -131,11 +131,12 @@ def samples_figure(prof, runs, path, names, n=8):
         x, labels = common.generate(model, sched, cfg, n, prof["eval_steps"], seed, prof["eval_eta"])
         grid.append(x.clamp(-1, 1))
     real = common.held_out(prof["image_size"], 16 * n)
-    pick, used = [], set()
-    for c in labels.tolist():                  # the first unused held-out image of each column's class
-        i = next(i for i, y in enumerate(real["label"].tolist()) if y == c and i not in used)
-        used.add(i)
-        pick.append(i)
+    pick = list(range(n))                      # unconditional rows: the first n held-out images
+    if labels is not None:                     # else the first unused held-out image of each column's class
+        held = real["label"].tolist()
+        pick = []
+        for c in labels.tolist():
+            pick.append(next(i for i, y in enumerate(held) if y == c and i not in pick))
     runlib.save_grid([real["image"][pick].cpu(), *grid], path, ncol=n)
     with Image.open(path) as im:
         im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
