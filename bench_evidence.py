@@ -510,19 +510,19 @@ def evidence_tables(prof, name, args, command, store, scorer, **header):
     report.update(header)
     text = evidence_markdown(report)
     common.write_text(args.md, text)
+    runs, stem = getattr(args, "runs", None), os.path.splitext(args.md)[0]
     main_rows = [n for n in ("unet/ddpm", "unet/dtr", "unet/rtr", "unet/minsnr", "unet/dtr_minsnr", "unet/eps/const",
                              "unet/v/min_snr", common.MT_X["name"]) if n in names]
     svg = bench_figures.fd_curves_svg(rows, main_rows, prof["checkpoints"], f"FD against training steps ({name} profile; "
                                       "thick: mean over seeds, thin: each seed)")
     if svg:
-        common.write_text(os.path.splitext(args.md)[0] + "_fd.svg", svg)
-    if getattr(args, "runs", None):  # the runs' checkpoints are not stored: a picture only where they exist
-        bench_figures.restoration_figure(prof, args.runs, os.path.splitext(args.md)[0] + "_restoration.png")
-    if getattr(args, "runs", None) and header.get("rendered_only"):  # samples: drawn by --report alone
+        common.write_text(stem + "_fd.svg", svg)
+    if runs:  # the runs' checkpoints are not stored: a picture only where they exist
+        bench_figures.restoration_figure(prof, runs, stem + "_restoration.png")
+    if runs and header.get("rendered_only"):  # samples: drawn by --report alone
         source = {s["name"]: s.get("shared_with", s["name"]) for s in evidence_specs(prof)}
         shown = [n for n in bench_figures.SAMPLE_ROWS if n in source]
-        seed = bench_figures.samples_figure(prof, args.runs, os.path.splitext(args.md)[0] + "_samples.png",
-                                            [source[n] for n in shown])
+        seed = bench_figures.samples_figure(prof, runs, stem + "_samples.png", [source[n] for n in shown])
         if seed is not None:
             print(f"[bench] samples figure: rows {', '.join(shown)}, from the seed-{seed} runs")
     print(text)

@@ -86,6 +86,13 @@ def fd_curves_svg(rows, names, checkpoints, title):
     return line_plot_svg(series, title, "training steps", "FD (reference CNN features)") if series else None
 
 
+def save_enlarged(rows, path, ncol, scale=4):
+    """runlib.save_grid, then enlarged scale x pixel for pixel: 16 px images are too small to be seen."""
+    runlib.save_grid(rows, path, ncol=ncol)
+    with Image.open(path) as im:
+        im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+
+
 @torch.no_grad()
 def restoration_figure(prof, runs, path, seed=0, m=10, n=6):
     """Table 1 as a picture: for n held-out images with m patches hidden, rows original / masked / SDEdit
@@ -102,9 +109,7 @@ def restoration_figure(prof, runs, path, seed=0, m=10, n=6):
     restore = mtdiffusion_eval.table1_restorers(model, cfg, base, bcfg, sched, prof["eval_steps"])
     rows = [restore[r](xm, keep, torch.Generator(common.DEVICE).manual_seed(seed)).clamp(-1, 1)
             for r in ("SDEdit (t0 = T/2)", "Algorithm 1")]
-    runlib.save_grid([x0, xm, *rows], path, ncol=n)
-    with Image.open(path) as im:  # 16 px images: enlarged 4x, pixel for pixel, to be seen
-        im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
+    save_enlarged([x0, xm, *rows], path, ncol=n)
     return True
 
 
@@ -137,7 +142,5 @@ def samples_figure(prof, runs, path, names, n=8):
         pick = []
         for c in labels.tolist():
             pick.append(next(i for i, y in enumerate(held) if y == c and i not in pick))
-    runlib.save_grid([real["image"][pick].cpu(), *grid], path, ncol=n)
-    with Image.open(path) as im:
-        im.resize((im.width * 4, im.height * 4), Image.NEAREST).save(path)
+    save_enlarged([real["image"][pick].cpu(), *grid], path, ncol=n)
     return seed
